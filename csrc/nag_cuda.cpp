@@ -1,0 +1,22 @@
+// The CUDA runner: device guard, current stream, one kernel launch per LaunchTable, every launch checked.
+// It uses only c10/core headers (no c10/cuda), so CI checks it against torch's CPU wheel with -DNAG_WITH_CUDA.
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/util/Exception.h>
+
+#include "nag_group.h"
+
+namespace nag {
+
+void run_cuda(const Group& group, const StepArgs& args, c10::Device device) {
+  const c10::DeviceGuard guard(device);
+  void* stream = c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(device).native_handle();
+  LaunchTable table;
+  for_each_table(group, table, [&](const LaunchTable& t) {
+    const char* err = cuda_launch(t, group.dtype, args, stream);
+    TORCH_CHECK(err == nullptr, "nag_cuda: CUDA kernel launch failed: ", err);
+  });
+}
+
+}  // namespace nag

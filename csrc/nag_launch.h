@@ -1,0 +1,26 @@
+// The boundary between the torch glue (.cpp) and the CUDA kernel (.cu): plain C++ types only, so that the .cu
+// file compiles with nvcc alone, without torch's CUDA headers (CI has only torch's CPU wheel).
+#pragma once
+
+#include "nag_schedule.h"
+
+namespace nag {
+
+enum class Dtype { kFloat, kDouble, kHalf, kBFloat16 };
+
+// A step's hyperparameters as the op receives them; each kernel converts them to its math type.
+struct StepArgs {
+  double lr;
+  double momentum;
+  double weight_decay;
+  bool maximize;
+};
+
+// Launches the kernel for one table of `dtype` tensors on `stream` (a cudaStream_t) of the current device.
+// Returns nullptr, or the CUDA error message if the launch failed.
+const char* cuda_launch(const LaunchTable& table, Dtype dtype, const StepArgs& args, void* stream);
+
+// The GPU architectures the kernel was compiled for, e.g. "800,900" (nvcc's __CUDA_ARCH_LIST__).
+const char* cuda_arch_list();
+
+}  // namespace nag

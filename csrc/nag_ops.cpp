@@ -1,0 +1,173 @@
+// Op registration and argument checks: the schema of nag_cuda::nag_step_, the checks every device shares, and the
+// split of the tensor lists into one Group per dtype for the device runners.
+#include <Python.h>
+
+#include <array>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "nag_group.h"
+
+// `import nag_cuda._C` loads this library, which registers the ops; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace nag {
+namespace {
+
+Dtype to_dtype(at::ScalarType t, size_t i) {
+  switch (t) {
+    case at::kFloat: return Dtype::kFloat;
+    case at::kDouble: return Dtype::kDouble;
+    case at::kHalf: return Dtype::kHalf;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, "nag_step_: params[", i, "] has dtype ", t,
+                  "; supported are float32, float64, float16 and bfloat16 (view complex tensors as real)");
+  }
+}
+
+void check_tensor(const at::Tensor& t, const char* name, size_t i, const at::Tensor& param) {
+  TORCH_CHECK(t.defined(), "nag_step_: ", name, "[", i, "] is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, "nag_step_: ", name, "[", i, "] has layout ", t.layout(),
+              "; sparse gradients are not supported");
+  TORCH_CHECK(t.device() == param.device(), "nag_step_: ", name, "[", i, "] is on ", t.device(), ", params[", i,
+              "] on ", param.device());
+  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "nag_step_: ", name, "[", i, "] has dtype ", t.scalar_type(),
+              ", params[", i, "] has ", param.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), "nag_step_: ", name, "[", i, "] has shape ", t.sizes(), ", params[", i,
+              "] has ", param.sizes());
+}
+
+// The kernels walk memory linearly, so p, grad and buf must be dense with equal strides.
+bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tensor& b) {
+  return p.is_non_overlapping_and_dense() && p.strides() == g.strides() && p.strides() == b.strides();
+}
+
+void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
+              double lr, double momentum, double weight_decay, bool maximize) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && bufs.size() == n && is_first.size() == n,
+              "nag_step_: params, grads, momentum_buffers and is_first must have equal lengths, got ", n, ", ",
+              grads.size(), ", ", bufs.size(), " and ", is_first.size());
+  if (n == 0) return;
+  const c10::Device device = params[0].device();
+
+  // Check everything before anything is written.
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(params[i].defined(), "nag_step_: params[", i, "] is undefined");
+    TORCH_CHECK(params[i].device() == device, "nag_step_: params[", i, "] is on ", params[i].device(),
+                ", params[0] on ", device, "; call once per device");
+    to_dtype(params[i].scalar_type(), i);
+    check_tensor(params[i], "params", i, params[i]);
+    check_tensor(grads[i], "grads", i, params[i]);
+    check_tensor(bufs[i], "momentum_buffers", i, params[i]);
+    TORCH_CHECK(at::has_internal_overlap(params[i]) != at::MemOverlap::Yes &&
+                    at::has_internal_overlap(bufs[i]) != at::MemOverlap::Yes,
+                "nag_step_: params[", i, "] or momentum_buffers[", i, "] has overlapping memory (e.g. expand())");
+  }
+
+  // Tensors the kernel cannot walk linearly are updated through contiguous copies, written back afterwards.
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
+  std::vector<at::Tensor> keep_alive;
+  std::array<Group, 4> groups;
+  for (size_t i = 0; i < n; ++i) {
+    at::Tensor p = params[i], g = grads[i], b = bufs[i];
+    if (p.numel() == 0) continue;
+    if (!same_dense_layout(p, g, b)) {
+      p = params[i].contiguous();
+      g = grads[i].contiguous();
+      b = bufs[i].contiguous();
+      if (!p.is_same(params[i])) write_back.emplace_back(params[i], p);
+      if (!b.is_same(bufs[i])) write_back.emplace_back(bufs[i], b);
+      keep_alive.push_back(g);
+    }
+    const Dtype dtype = to_dtype(p.scalar_type(), i);
+    Group& group = groups[static_cast<int>(dtype)];
+    group.dtype = dtype;
+    group.element_size = p.element_size();
+    group.param.push_back(p.data_ptr());
+    group.grad.push_back(g.const_data_ptr());
+    group.buf.push_back(b.data_ptr());
+    group.numel.push_back(p.numel());
+    group.first.push_back(is_first.get(i) ? 1 : 0);
+  }
+
+  const StepArgs args{lr, momentum, weight_decay, maximize};
+  for (const Group& group : groups) {
+    if (group.numel.empty()) continue;
+    if (device.is_cpu()) {
+      run_cpu(group, args);
+    } else {
+#ifdef NAG_WITH_CUDA
+      run_cuda(group, args, device);
+#else
+      TORCH_CHECK(false, "nag_step_: nag_cuda was built without CUDA");
+#endif
+    }
+  }
+  for (auto& [dst, src] : write_back) dst.copy_(src);
+}
+
+// Test hook: the schedule as the kernels see it. One row per block: (launch, block, tensor, begin, end), where
+// [begin, end) are the elements of `tensor` that the block updates. Computed with the kernels' own lookup.
+at::Tensor plan(c10::ArrayRef<int64_t> numels, int64_t max_segments, int64_t max_blocks) {
+  TORCH_CHECK(max_segments >= 1 && max_segments <= kMaxSegments, "_plan: max_segments must be in [1, ",
+              kMaxSegments, "]");
+  TORCH_CHECK(max_blocks >= 1 && max_blocks <= kMaxBlocks, "_plan: max_blocks must be in [1, ", kMaxBlocks, "]");
+  for (const int64_t v : numels) TORCH_CHECK(v >= 0, "_plan: numels must be >= 0");
+  std::vector<int64_t> rows;
+  std::vector<Segment> segs(max_segments);
+  std::vector<int32_t> block_start(max_segments + 1);
+  std::vector<int64_t> seg_numel(max_segments);
+  int64_t launch = 0;
+  plan_launches(numels.data(), static_cast<int64_t>(numels.size()), max_segments, max_blocks, segs.data(),
+                [&](const Segment* s, int64_t count, int64_t blocks) {
+                  fill_block_start(s, count, block_start.data());
+                  TORCH_CHECK(block_start[count] == blocks, "_plan: block count mismatch");
+                  for (int64_t i = 0; i < count; ++i) seg_numel[i] = s[i].numel;
+                  for (int64_t block = 0; block < blocks; ++block) {
+                    const BlockWork w = block_work(block_start.data(), seg_numel.data(), static_cast<int>(count), block);
+                    const Segment& seg = s[w.segment];
+                    rows.insert(rows.end(), {launch, block, seg.tensor, seg.offset + w.begin, seg.offset + w.end});
+                  }
+                  ++launch;
+                });
+  const int64_t count = static_cast<int64_t>(rows.size()) / 5;
+  at::Tensor out = at::empty({count, 5}, at::kLong);
+  std::copy(rows.begin(), rows.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+// What this build contains, for `python -m nag_cuda`: "cpu" or "cpu;cuda=<__CUDA_ARCH_LIST__>".
+std::string build_info() {
+#ifdef NAG_WITH_CUDA
+  return std::string("cpu;cuda=") + cuda_arch_list();
+#else
+  return "cpu";
+#endif
+}
+
+}  // namespace
+}  // namespace nag
+
+TORCH_LIBRARY(nag_cuda, m) {
+  m.def(
+      "nag_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, float lr, "
+      "float momentum, float weight_decay, bool maximize) -> ()");
+  m.def("_plan(int[] numels, int max_segments, int max_blocks) -> Tensor", &nag::plan);
+  m.def("_build_info() -> str", &nag::build_info);
+}
+
+TORCH_LIBRARY_IMPL(nag_cuda, CPU, m) { m.impl("nag_step_", &nag::nag_step); }
+
+#ifdef NAG_WITH_CUDA
+TORCH_LIBRARY_IMPL(nag_cuda, CUDA, m) { m.impl("nag_step_", &nag::nag_step); }
+#endif

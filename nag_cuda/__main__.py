@@ -1,0 +1,19 @@
+"""`python -m nag_cuda`: what this installation was built with."""
+
+import torch
+
+import nag_cuda
+
+
+def main() -> None:
+    info = nag_cuda.build_info()
+    print(f"nag_cuda {nag_cuda.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"CPU kernel: {'yes' if info['cpu'] else 'no'}")
+    archs = ", ".join(f"sm_{a}" for a in info["cuda_archs"])
+    print(f"CUDA kernel: {'yes (' + archs + ')' if info['cuda'] else 'no'}")
+    print(f"CUDA device available: {'yes' if torch.cuda.is_available() else 'no'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Loads the compiled ops (torch.ops.nag_cuda.*) and registers their fake implementation for tracing tools."""
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.nag_cuda)
+except ImportError as e:
+    raise ImportError(
+        "nag_cuda's compiled extension (nag_cuda._C) is missing: install the package with "
+        "`pip install --no-build-isolation .` from the source tree, and import it from outside that tree"
+    ) from e
+
+from .reference import nag_step_reference
+
+ops = torch.ops.nag_cuda
+
+
+@torch.library.register_fake("nag_cuda::nag_step_")
+def _nag_step_fake(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize):
+    # In-place on params and momentum_buffers, returns nothing: there is no output to describe.
+    return None
+
+
+def build_info() -> dict:
+    """What the compiled extension contains: {'cpu': True, 'cuda': bool, 'cuda_archs': [80, 90, ...]}."""
+    parts = dict(part.partition("=")[::2] for part in ops._build_info().split(";"))
+    cuda = "cuda" in parts
+    archs = [int(a) // 10 for a in parts["cuda"].split(",") if a.strip().isdigit()] if cuda else []
+    return {"cpu": "cpu" in parts, "cuda": cuda, "cuda_archs": archs}
+
+
+_KERNEL_DEVICES = {"cpu"} | ({"cuda"} if build_info()["cuda"] else set())
+_warned = set()
+
+
+def step_function(device: torch.device):
+    """The compiled op where this build has a kernel for `device`, else the pure-PyTorch reference (with a warning)."""
+    if device.type in _KERNEL_DEVICES:
+        return ops.nag_step_
+    if device.type not in _warned:
+        _warned.add(device.type)
+        warnings.warn(
+            f"nag_cuda has no compiled kernel for {device.type} tensors in this build; FusedNAG uses its slower "
+            "pure-PyTorch reference implementation there",
+            stacklevel=3,
+        )
+    return nag_step_reference

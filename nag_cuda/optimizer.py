@@ -1,0 +1,132 @@
+"""FusedNAG: torch.optim.SGD(nesterov=True, dampening=0) with one fused kernel launch per (device, dtype)."""
+
+from numbers import Real
+
+import torch
+from torch.optim import Optimizer
+
+from ._ops import step_function
+
+__all__ = ["FusedNAG"]
+
+
+def _check_hyperparameters(lr, momentum, weight_decay) -> None:
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+        elif not isinstance(value, Real):
+            raise TypeError(f"{name} must be a real number or a 1-element tensor, got {type(value).__name__}")
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum <= 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum} (Nesterov momentum requires momentum > 0)")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _check_group(group: dict) -> None:
+    _check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"])
+    if not group.get("nesterov", True) or group.get("dampening", 0) != 0:
+        raise ValueError(
+            "FusedNAG implements SGD with nesterov=True and dampening=0 only; this param group has "
+            f"nesterov={group.get('nesterov')}, dampening={group.get('dampening')}"
+        )
+
+
+class FusedNAG(Optimizer):
+    r"""SGD with Nesterov momentum, fused into one kernel launch per (device, dtype) of each param group.
+
+    A drop-in for ``torch.optim.SGD(params, lr, momentum, dampening=0, weight_decay, nesterov=True, maximize)``:
+    the same update, the same ``state[p]["momentum_buffer"]`` and the same param-group keys, so state dicts load
+    in either direction. Per element, in float32 for float16/bfloat16 tensors (float64 for float64), rounded once::
+
+        g = -grad if maximize else grad
+        g = g + weight_decay * p
+        buf = g on p's first step, else momentum * buf + g
+        p = p - lr * (g + momentum * buf)
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr: learning rate (default: 1e-3).
+        momentum: momentum factor, > 0 (default: 0.9).
+        weight_decay: L2 penalty (default: 0).
+        maximize: maximize the objective instead of minimizing it (default: False).
+
+    Example:
+        >>> opt = FusedNAG(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        >>> loss_fn(model(x), y).backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False):
+        _check_hyperparameters(lr, momentum, weight_decay)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize, nesterov=True,
+                        dampening=0)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("nesterov", True)
+            group.setdefault("dampening", 0)
+
+    def add_param_group(self, param_group: dict) -> None:
+        # Check the group's own values before it joins the optimizer.
+        _check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Everything is checked before anything is changed: a bad group or a sparse gradient leaves all
+        # parameters and all momentum state as they were.
+        work = []
+        for group in self.param_groups:
+            _check_group(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("FusedNAG does not support sparse gradients")
+            work.append((group, params))
+
+        for group, params in work:
+            self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group: dict, params: list) -> None:
+        by_device: dict[torch.device, tuple[list, list, list, list]] = {}
+        new_buffers = []
+        for p in params:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            first = buf is None
+            if first:
+                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+                new_buffers.append((state, buf))
+            grad = p.grad
+            if p.is_complex():  # the update is real-linear, so complex tensors are updated as (re, im) pairs
+                p, grad, buf = torch.view_as_real(p), torch.view_as_real(grad), torch.view_as_real(buf)
+            lists = by_device.setdefault(p.device, ([], [], [], []))
+            lists[0].append(p)
+            lists[1].append(grad)
+            lists[2].append(buf)
+            lists[3].append(first)
+
+        hyper = (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]), bool(group["maximize"]))
+        for device, (ps, grads, bufs, first) in by_device.items():
+            step_function(device)(ps, grads, bufs, first, *hyper)
+        # A buffer becomes state only once the kernel has written it.
+        for state, buf in new_buffers:
+            state["momentum_buffer"] = buf
