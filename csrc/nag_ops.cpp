@@ -167,7 +167,10 @@ TORCH_LIBRARY(nag_cuda, m) {
 }
 
 TORCH_LIBRARY_IMPL(nag_cuda, CPU, m) { m.impl("nag_step_", &nag::nag_step); }
+// A sparse gradient dispatches here; nag_step's checks then reject it with a clear message, before any write.
+TORCH_LIBRARY_IMPL(nag_cuda, SparseCPU, m) { m.impl("nag_step_", &nag::nag_step); }
 
 #ifdef NAG_WITH_CUDA
 TORCH_LIBRARY_IMPL(nag_cuda, CUDA, m) { m.impl("nag_step_", &nag::nag_step); }
+TORCH_LIBRARY_IMPL(nag_cuda, SparseCUDA, m) { m.impl("nag_step_", &nag::nag_step); }
 #endif
