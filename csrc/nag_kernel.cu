@@ -81,8 +81,8 @@ __device__ __forceinline__ void update_chunk(T* p, const T* g, T* b, int64_t n, 
   }
 }
 
-// NOTE: __grid_constant__ lets blocks index the table in kernel-parameter memory directly; without it a dynamic
-// index would copy the whole 32 KiB table into each thread's local memory.
+// NOTE: __grid_constant__ guarantees that blocks read the 32 KiB table where it is, in kernel-parameter memory,
+// with a dynamic index; a copy into each thread's local memory would cost more than the update itself.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     nag_kernel(const __grid_constant__ LaunchTable table, const Hyper<typename Math<T>::type> h) {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Compiles the CUDA side without a GPU and without torch's CUDA headers (CI has torch's CPU wheel):
+#   - every csrc/*.cu with nvcc, for sm_80 and sm_90, with torch's own nvcc flags and ptxas checks of the kernel
+#     (e.g. that the 32 KiB kernel-argument table fits);
+#   - the torch glue with NAG_WITH_CUDA defined (-fsyntax-only), which needs only c10/core headers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v nvcc >/dev/null || { echo "check_cuda_sources: nvcc not found on PATH" >&2; exit 1; }
+nvcc_flags=$(python -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS; print(' '.join(COMMON_NVCC_FLAGS))")
+torch_includes=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+for cu in csrc/*.cu; do
+  echo "nvcc: $cu"
+  nvcc -std=c++20 -O3 -fmad=false -DNAG_WITH_CUDA $nvcc_flags -Icsrc \
+    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+    -Xptxas=-warn-spills,-warn-lmem-usage -Werror all-warnings -c "$cu" -o "$out/$(basename "$cu").o"
+done
+for cpp in csrc/*.cpp; do
+  echo "c++ -DNAG_WITH_CUDA -fsyntax-only: $cpp"
+  c++ -std=c++20 -fsyntax-only -DNAG_WITH_CUDA -Icsrc $torch_includes $(python3-config --includes) "$cpp"
+done
+echo "CUDA sources compile"
