@@ -1,16 +1,31 @@
 """Loads the compiled ops (torch.ops.nag_cuda.*) and registers their fake implementation for tracing tools."""
 
 import warnings
+from importlib import metadata
 
 import torch
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.nag_cuda)
-except ImportError as e:
-    raise ImportError(
-        "nag_cuda's compiled extension (nag_cuda._C) is missing: install the package with "
-        "`pip install --no-build-isolation .` from the source tree, and import it from outside that tree"
-    ) from e
+
+def _load_extension() -> None:
+    try:
+        from . import _C  # noqa: F401  (loading the library registers torch.ops.nag_cuda)
+        return
+    except ImportError:
+        pass
+    # Imported from the source checkout (e.g. `python -c ...` in its root): the compiled library is in the installed
+    # distribution, not in this folder. Load that one.
+    # (Every match: the checkout's own build metadata, nag_cuda.egg-info, lists no library.)
+    files = [f for dist in metadata.distributions(name="nag_cuda") for f in dist.files or []]
+    libraries = [f for f in files if f.parent.name == "nag_cuda" and f.name.startswith("_C.") and f.suffix == ".so"]
+    if not libraries:
+        raise ImportError(
+            "nag_cuda's compiled extension (nag_cuda._C) is missing: install the package with "
+            "`pip install --no-build-isolation .`"
+        )
+    torch.ops.load_library(str(libraries[0].locate()))
+
+
+_load_extension()
 
 from .reference import nag_step_reference
 

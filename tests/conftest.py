@@ -1,15 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-# Test the installed package, not the source tree: `python -m pytest` puts the checkout on sys.path, and its
-# nag_cuda/ has no compiled extension (an editable install still resolves to the checkout through its own finder).
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-
-import nag_cuda  # noqa: E402
+import nag_cuda
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
