@@ -90,32 +90,38 @@ class FusedNAG(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Everything is checked before anything is changed: a bad group or a sparse gradient leaves all
-        # parameters and all momentum state as they were.
-        work = []
-        for group in self.param_groups:
-            _check_group(group)
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("FusedNAG does not support sparse gradients")
-            work.append((group, params))
-
-        for group, params in work:
-            self._step_group(group, params)
+        # Everything is checked and gathered before anything is changed: a bad group, a sparse gradient or a
+        # mismatched momentum buffer leaves all parameters and all momentum state as they were.
+        work = [self._gather(group) for group in self.param_groups]
+        for hyper, by_device, new_buffers in work:
+            for device, (params, grads, bufs, first) in by_device.items():
+                step_function(device)(params, grads, bufs, first, *hyper)
+            # A buffer becomes state only once the kernel has written it.
+            for p, buf in new_buffers:
+                self.state[p]["momentum_buffer"] = buf
         return loss
 
-    def _step_group(self, group: dict, params: list) -> None:
+    def _gather(self, group: dict):
+        """The kernel arguments of one param group, per device; raises on bad input and changes nothing."""
+        _check_group(group)
         by_device: dict[torch.device, tuple[list, list, list, list]] = {}
         new_buffers = []
-        for p in params:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("FusedNAG does not support sparse gradients")
+            buf = self.state[p].get("momentum_buffer") if p in self.state else None
             first = buf is None
             if first:
                 buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                new_buffers.append((state, buf))
-            grad = p.grad
+                new_buffers.append((p, buf))
+            elif buf.shape != p.shape:
+                raise RuntimeError(
+                    f"momentum_buffer of shape {tuple(buf.shape)} for a parameter of shape {tuple(p.shape)}: "
+                    "was the optimizer state loaded from another model?"
+                )
             if p.is_complex():  # the update is real-linear, so complex tensors are updated as (re, im) pairs
                 p, grad, buf = torch.view_as_real(p), torch.view_as_real(grad), torch.view_as_real(buf)
             lists = by_device.setdefault(p.device, ([], [], [], []))
@@ -123,10 +129,5 @@ class FusedNAG(Optimizer):
             lists[1].append(grad)
             lists[2].append(buf)
             lists[3].append(first)
-
         hyper = (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]), bool(group["maximize"]))
-        for device, (ps, grads, bufs, first) in by_device.items():
-            step_function(device)(ps, grads, bufs, first, *hyper)
-        # A buffer becomes state only once the kernel has written it.
-        for state, buf in new_buffers:
-            state["momentum_buffer"] = buf
+        return hyper, by_device, new_buffers

@@ -243,3 +243,19 @@ def test_trains_a_model():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0]
+
+
+def test_mismatched_momentum_buffer_changes_nothing():
+    """A state dict from another model (wrong buffer shape in the last group) fails before the first group moves."""
+    a = params_on("cpu")
+    opt = FusedNAG([{"params": a[:2]}, {"params": a[2:]}], **HYPER)
+    step_with(opt, a, 0)
+    state = copy.deepcopy(opt.state_dict())
+    state["state"][2]["momentum_buffer"] = torch.zeros(6)
+    opt.load_state_dict(state)
+    for p, g in zip(a, make_grads(a, 1), strict=True):
+        p.grad = g
+    before = snapshot(opt, a)
+    with pytest.raises(RuntimeError, match="momentum_buffer of shape"):
+        opt.step()
+    assert_unchanged(before, opt, a)
