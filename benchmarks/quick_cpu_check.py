@@ -1,3 +1,4 @@
+"""Quick, sequential CPU timing of step() for two parameter sets (a first look; the benchmark issue replaces it)."""
 import time, torch
 from nag_cuda import FusedNAG
 def bench(make, shapes, reps=20):
