@@ -6,6 +6,7 @@ import torch
 import nag_cuda
 from nag_cuda._ops import step_function
 from nag_cuda.reference import nag_step_reference
+from conftest import requires_cuda_kernel
 from test_parity import SHAPES, make_grads, make_params
 
 op = torch.ops.nag_cuda.nag_step_
@@ -80,7 +81,7 @@ def test_bad_input_changes_nothing(device, case):
             assert torch.equal(t, old), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not nag_cuda.build_info()["cuda"], reason="needs the CUDA kernel")
+@requires_cuda_kernel
 def test_cuda_tensor_over_2_pow_31_elements():
     """64-bit indexing: a bfloat16 tensor of 2^31 + 1029 elements (12 GiB for p, grad and buffer)."""
     n = 2**31 + 1029

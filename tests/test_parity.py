@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import LOW_PRECISION, low_precision_tol
+from conftest import LOW_PRECISION, low_precision_tol, requires_cuda_kernel
 from nag_cuda import FusedNAG
 
 STEPS = 7
@@ -193,3 +193,24 @@ def test_non_contiguous_and_unaligned(device, layout):
         opt_ours.step()
         opt_theirs.step()
     assert_same_state([p_ours], [p_theirs], opt_ours, opt_theirs)
+
+
+@requires_cuda_kernel
+def test_current_cuda_stream_is_used():
+    """Gradients produced on a side stream right before step(): the kernel must run on that (current) stream."""
+    ours = [p.requires_grad_() for p in make_params([(2048, 2048), (4099,)], torch.float32, "cuda")]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt_ours, opt_theirs = FusedNAG(ours, lr=0.01), sgd(theirs, lr=0.01)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    for step in range(3):
+        grads = make_grads(ours, step)
+        with torch.cuda.stream(side):
+            for p, g in zip(ours, grads, strict=True):
+                p.grad = (g @ g.T / 2048 if g.dim() == 2 else g * 2)  # slow work queued just before step()
+            opt_ours.step()
+        side.synchronize()
+        for q, g in zip(theirs, grads, strict=True):
+            q.grad = g @ g.T / 2048 if g.dim() == 2 else g * 2
+        opt_theirs.step()
+    assert_same_state(ours, theirs, opt_ours, opt_theirs, rtol=1e-4, atol=1e-4)
