@@ -14,8 +14,8 @@ namespace nag {
 
 // One (device, dtype) group: dense tensors of equal layout, ready for the kernels.
 struct Group {
-  Dtype dtype;
-  int64_t element_size;
+  Dtype dtype = Dtype::kFloat;
+  int64_t element_size = 0;
   std::vector<void*> param;
   std::vector<const void*> grad;
   std::vector<void*> buf;
