@@ -1,5 +1,8 @@
 """Quick, sequential CPU timing of step() for two parameter sets (a first look; the benchmark issue replaces it)."""
-import time, torch
+import time
+
+import torch
+
 from nag_cuda import FusedNAG
 def bench(make, shapes, reps=20):
     ps = [torch.randn(s, requires_grad=True) for s in shapes]

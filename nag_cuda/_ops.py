@@ -13,8 +13,8 @@ def _load_extension() -> None:
     except ImportError:
         pass
     # Imported from the source checkout (e.g. `python -c ...` in its root): the compiled library is in the installed
-    # distribution, not in this folder. Load that one.
-    # (Every match: the checkout's own build metadata, nag_cuda.egg-info, lists no library.)
+    # distribution, not in this folder. Look through every distribution of that name, since the checkout's own
+    # nag_cuda.egg-info is found first and lists no library.
     files = [f for dist in metadata.distributions(name="nag_cuda") for f in dist.files or []]
     libraries = [f for f in files if f.parent.name == "nag_cuda" and f.name.startswith("_C.") and f.suffix == ".so"]
     if not libraries:
