@@ -16,7 +16,7 @@ template <> struct Math<c10::Half> { using type = float; };
 template <> struct Math<c10::BFloat16> { using type = float; };
 
 template <bool kFirst, typename T, typename M>
-void update_chunk(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ b, int64_t n, const Hyper<M>& h) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) void update_chunk(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ b, int64_t n, const Hyper<M>& h) {
   for (int64_t i = 0; i < n; ++i) {
     M pm = static_cast<M>(p[i]);
     M bm = kFirst ? M(0) : static_cast<M>(b[i]);

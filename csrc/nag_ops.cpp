@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/view_as_real.h>
 #include <torch/library.h>
 
 #include "nag_group.h"
@@ -22,15 +23,16 @@ extern "C" PyObject* PyInit__C(void) {
 namespace nag {
 namespace {
 
+// Complex tensors are updated as (real, imaginary) pairs, as torch's SGD does: the update is real-linear.
 Dtype to_dtype(at::ScalarType t, size_t i) {
-  switch (t) {
+  switch (c10::toRealValueType(t)) {
     case at::kFloat: return Dtype::kFloat;
     case at::kDouble: return Dtype::kDouble;
     case at::kHalf: return Dtype::kHalf;
     case at::kBFloat16: return Dtype::kBFloat16;
     default:
       TORCH_CHECK(false, "nag_step_: params[", i, "] has dtype ", t,
-                  "; supported are float32, float64, float16 and bfloat16 (view complex tensors as real)");
+                  "; supported are float32, float64, float16, bfloat16 and their complex types");
   }
 }
 
@@ -51,16 +53,13 @@ bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tenso
   return p.is_non_overlapping_and_dense() && p.strides() == g.strides() && p.strides() == b.strides();
 }
 
-void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
-              double lr, double momentum, double weight_decay, bool maximize) {
+// Checks everything nag_step_ needs, so that a caller can check all its calls before making the first one.
+void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && bufs.size() == n && is_first.size() == n,
-              "nag_step_: params, grads, momentum_buffers and is_first must have equal lengths, got ", n, ", ",
-              grads.size(), ", ", bufs.size(), " and ", is_first.size());
+  TORCH_CHECK(grads.size() == n && bufs.size() == n, "nag_step_: params, grads and momentum_buffers must have equal "
+              "lengths, got ", n, ", ", grads.size(), " and ", bufs.size());
   if (n == 0) return;
   const c10::Device device = params[0].device();
-
-  // Check everything before anything is written.
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(params[i].defined(), "nag_step_: params[", i, "] is undefined");
     TORCH_CHECK(params[i].device() == device, "nag_step_: params[", i, "] is on ", params[i].device(),
@@ -73,20 +72,34 @@ void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, 
                     at::has_internal_overlap(bufs[i]) != at::MemOverlap::Yes,
                 "nag_step_: params[", i, "] or momentum_buffers[", i, "] has overlapping memory (e.g. expand())");
   }
+}
+
+void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
+              double lr, double momentum, double weight_decay, bool maximize) {
+  const size_t n = params.size();
+  TORCH_CHECK(is_first.size() == n, "nag_step_: params and is_first must have equal lengths, got ", n, " and ",
+              is_first.size());
+  check_step(params, grads, bufs);  // everything is checked before anything is written
+  if (n == 0) return;
+  const c10::Device device = params[0].device();
 
   // Tensors the kernel cannot walk linearly are updated through contiguous copies, written back afterwards.
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   std::vector<at::Tensor> keep_alive;
   std::array<Group, 4> groups;
   for (size_t i = 0; i < n; ++i) {
-    at::Tensor p = params[i], g = grads[i], b = bufs[i];
-    if (p.numel() == 0) continue;
+    if (params[i].numel() == 0) continue;
+    const bool complex = params[i].is_complex();
+    at::Tensor p = complex ? at::view_as_real(params[i]) : params[i];
+    at::Tensor g = complex ? at::view_as_real(grads[i]) : grads[i];
+    at::Tensor b = complex ? at::view_as_real(bufs[i]) : bufs[i];
     if (!same_dense_layout(p, g, b)) {
-      p = params[i].contiguous();
-      g = grads[i].contiguous();
-      b = bufs[i].contiguous();
-      if (!p.is_same(params[i])) write_back.emplace_back(params[i], p);
-      if (!b.is_same(bufs[i])) write_back.emplace_back(bufs[i], b);
+      const at::Tensor p_orig = p, b_orig = b;
+      p = p.contiguous();
+      g = g.contiguous();
+      b = b.contiguous();
+      if (!p.is_same(p_orig)) write_back.emplace_back(p_orig, p);
+      if (!b.is_same(b_orig)) write_back.emplace_back(b_orig, b);
       keep_alive.push_back(g);
     }
     const Dtype dtype = to_dtype(p.scalar_type(), i);
@@ -162,6 +175,7 @@ TORCH_LIBRARY(nag_cuda, m) {
   m.def(
       "nag_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, float lr, "
       "float momentum, float weight_decay, bool maximize) -> ()");
+  m.def("_check_step(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers) -> ()", &nag::check_step);
   m.def("_plan(int[] numels, int max_segments, int max_blocks) -> Tensor", &nag::plan);
   m.def("_build_info() -> str", &nag::build_info);
 }

@@ -5,7 +5,7 @@ from numbers import Real
 import torch
 from torch.optim import Optimizer
 
-from ._ops import step_function
+from ._ops import ops, step_function
 
 __all__ = ["FusedNAG"]
 
@@ -90,44 +90,48 @@ class FusedNAG(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Everything is checked and gathered before anything is changed: a bad group, a sparse gradient or a
-        # mismatched momentum buffer leaves all parameters and all momentum state as they were.
-        work = [self._gather(group) for group in self.param_groups]
-        for hyper, by_device, new_buffers in work:
-            for device, (params, grads, bufs, first) in by_device.items():
-                step_function(device)(params, grads, bufs, first, *hyper)
-            # A buffer becomes state only once the kernel has written it.
-            for p, buf in new_buffers:
-                self.state[p]["momentum_buffer"] = buf
+        calls, new_buffers = [], []
+        for group in self.param_groups:
+            _check_group(group)
+            hyper = (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]),
+                     bool(group["maximize"]))
+            for device, lists in self._gather(group, new_buffers).items():
+                calls.append((step_function(device), lists, hyper))
+        # Nothing changes unless every call will succeed: a bad group, a sparse gradient or a mismatched momentum
+        # buffer leaves all parameters and all momentum state as they were. The compiled op checks its arguments
+        # before it writes, so the first call checks itself; the others (and the reference) are checked up front.
+        for i, (fn, (params, grads, bufs, _), _) in enumerate(calls):
+            if i > 0 or fn is not ops.nag_step_:
+                ops._check_step(params, grads, bufs)
+        for fn, lists, hyper in calls:
+            fn(*lists, *hyper)
+        # A buffer becomes state only once the kernel has written it.
+        for p, buf in new_buffers:
+            self.state[p]["momentum_buffer"] = buf
         return loss
 
-    def _gather(self, group: dict):
-        """The kernel arguments of one param group, per device; raises on bad input and changes nothing."""
-        _check_group(group)
-        by_device: dict[torch.device, tuple[list, list, list, list]] = {}
-        new_buffers = []
+    def _gather(self, group: dict, new_buffers: list) -> dict:
+        """The kernel's tensor lists for one param group, per device: (params, grads, buffers, is_first).
+
+        This loop runs for every parameter at every step, so it only collects; the op checks the tensors.
+        """
+        state = self.state
+        by_device = {}
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
-            if grad.is_sparse:
-                raise RuntimeError("FusedNAG does not support sparse gradients")
-            buf = self.state[p].get("momentum_buffer") if p in self.state else None
+            st = state.get(p)
+            buf = st.get("momentum_buffer") if st else None
             first = buf is None
             if first:
                 buf = torch.empty_like(p, memory_format=torch.preserve_format)
                 new_buffers.append((p, buf))
-            elif buf.shape != p.shape:
-                raise RuntimeError(
-                    f"momentum_buffer of shape {tuple(buf.shape)} for a parameter of shape {tuple(p.shape)}: "
-                    "was the optimizer state loaded from another model?"
-                )
-            if p.is_complex():  # the update is real-linear, so complex tensors are updated as (re, im) pairs
-                p, grad, buf = torch.view_as_real(p), torch.view_as_real(grad), torch.view_as_real(buf)
-            lists = by_device.setdefault(p.device, ([], [], [], []))
+            lists = by_device.get(p.device)
+            if lists is None:
+                lists = by_device[p.device] = ([], [], [], [])
             lists[0].append(p)
             lists[1].append(grad)
             lists[2].append(buf)
             lists[3].append(first)
-        hyper = (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]), bool(group["maximize"]))
-        return hyper, by_device, new_buffers
+        return by_device

@@ -9,6 +9,8 @@ import torch
 
 def nag_step_reference(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize):
     for p, grad, buf, first in zip(params, grads, momentum_buffers, is_first, strict=True):
+        if p.is_complex():  # updated as (real, imaginary) pairs, as the kernels do
+            p, grad, buf = torch.view_as_real(p), torch.view_as_real(grad), torch.view_as_real(buf)
         math = torch.float64 if p.dtype == torch.float64 else torch.float32
         g = grad.to(math)
         if maximize:

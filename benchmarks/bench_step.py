@@ -1,0 +1,394 @@
+"""Time one optimizer step of FusedNAG against torch.optim.SGD(nesterov=True) and the memory-bandwidth limit.
+
+    python benchmarks/bench_step.py            # every set, on CUDA when available, else CPU
+    python benchmarks/bench_step.py --quick    # smaller sets, fewer repetitions: under a minute on 2 CPU cores
+
+Methods: torch SGD for-loop (foreach=False), foreach, fused; FusedNAG; apex FusedSGD when importable (CUDA).
+All methods run in one process, interleaved round by round, so their ratios are comparable even on a noisy machine.
+Every method steps the same parameter, gradient and momentum tensors (each optimizer's state is pointed at one shared
+set of buffers): the work per step is identical, and memory holds one copy of the state instead of one per method.
+
+Per set it reports the median ms per step, the effective bandwidth (bytes per parameter x parameters / time, with
+20 B/param for fp32: read p, g, buf, write p, buf), that as a % of the device's copy bandwidth measured in the same run,
+and each method's time / FusedNAG's. It also measures the host-side cost of step() and the memory a steady-state step
+allocates, then writes a markdown table, JSON and a PNG chart under --out.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nag_cuda import FusedNAG
+
+HYPER = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)  # weight decay on: the common case, and it costs foreach a pass
+
+
+# --- parameter sets: shapes only, built with plain torch -------------------------------------------------------------
+
+def resnet50_shapes():
+    try:  # torchvision's own model where it imports (it does not on every machine)
+        import torchvision
+
+        with torch.device("meta"):
+            return [tuple(p.shape) for p in torchvision.models.resnet50().parameters()]
+    except Exception:
+        pass
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for i in range(blocks):  # bottleneck: 1x1, 3x3, 1x1 (x4) convs, each with batch-norm weight and bias
+            shapes += [(width, inplanes, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
+                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if i == 0:
+                shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
+            inplanes = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def gpt2_small_shapes(layers=12, d=768, vocab=50257, context=1024):
+    shapes = [(vocab, d), (context, d)]  # token and position embeddings (the LM head is tied to the first)
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),  # ln_1, attention qkv and projection
+                   (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2, MLP
+    return shapes + [(d,), (d,)]
+
+
+def llama_1b_shapes(layers=16, d=2048, ffn=8192, kv=512, vocab=128256):
+    shapes = [(vocab, d)]  # Llama-3.2-1B-like: tied embeddings, grouped-query attention
+    for _ in range(layers):
+        shapes += [(d,), (d, d), (kv, d), (kv, d), (d, d), (d,), (ffn, d), (ffn, d), (d, ffn)]
+    return shapes + [(d,)]
+
+
+SETS = {  # name: (shapes in the full run, shapes with --quick)
+    "resnet50": (resnet50_shapes, resnet50_shapes),
+    "gpt2-124m": (gpt2_small_shapes, lambda: gpt2_small_shapes(layers=2)),
+    "llama-1b": (llama_1b_shapes, None),
+    "2000x64x64": (lambda: [(64, 64)] * 2000, lambda: [(64, 64)] * 2000),
+    "1x256M": (lambda: [(2**28,)], None),
+    "1x16M": (None, lambda: [(2**24,)]),
+}
+
+
+# --- the methods -----------------------------------------------------------------------------------------------------
+
+def methods(device):
+    def sgd(**mode):
+        return lambda params: torch.optim.SGD(params, nesterov=True, **mode, **HYPER)
+
+    found = {"FusedNAG": lambda params: FusedNAG(params, **HYPER),
+             "torch fused": sgd(fused=True), "torch foreach": sgd(foreach=True), "torch for-loop": sgd(foreach=False)}
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedSGD
+
+            found["apex FusedSGD"] = lambda params: FusedSGD(params, nesterov=True, **HYPER)
+        except ImportError:
+            pass
+    return found
+
+
+class Clock:
+    """Times one call on the device: CUDA events on CUDA (device time, median-friendly), wall clock on CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.pending = []
+
+    def time(self, fn):
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            self.pending.append(time.perf_counter() - start)
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        self.pending.append((start, end))
+
+    def collect(self):
+        """Seconds per timed call, in order; clears the pending list."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            out = [s.elapsed_time(e) / 1e3 for s, e in self.pending]
+        else:
+            out = list(self.pending)
+        self.pending = []
+        return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, clock, nbytes):
+    """The device's copy bandwidth in GB/s: bytes read + bytes written by dst.copy_(src), median of 20."""
+    src = torch.empty(nbytes // 4, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    for _ in range(20):
+        clock.time(lambda: dst.copy_(src))
+    return 2 * nbytes / statistics.median(clock.collect()) / 1e9
+
+
+def cache_bytes(device):
+    """Last-level cache size: a set smaller than twice this is rotated over several copies so that it is not timed hot."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text.rstrip("K")) * 1024
+    except (OSError, ValueError):
+        return 32 * 2**20
+
+
+def build_copies(shapes, device, dtype, copies):
+    """`copies` independent (params, momentum buffers) sets with random non-zero values and gradients."""
+    out = []
+    for _ in range(copies):
+        params = []
+        for shape in shapes:
+            p = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype).uniform_(-1, 1))
+            p.grad = torch.empty_like(p).uniform_(-1, 1)
+            params.append(p)
+        out.append((params, [torch.empty_like(p).uniform_(-1, 1) for p in params]))
+    return out
+
+
+def make_optimizers(make, copies):
+    """One optimizer per copy, its momentum state pointed at the copy's shared buffers (so every step is steady state)."""
+    opts = []
+    for params, bufs in copies:
+        opt = make(params)
+        for p, buf in zip(params, bufs):
+            opt.state[p]["momentum_buffer"] = buf
+        opts.append(opt)
+    return opts
+
+
+def time_interleaved(runs, device, rounds, target_s, warmup):
+    """Seconds per step of each run, {name: [samples]}: rounds of every method in turn (order rotated each round)."""
+    clock = Clock(device)
+    steps = {}
+    for name, opts in runs.items():  # warm-up, and how many steps make about target_s per round
+        for i in range(warmup):
+            opts[i % len(opts)].step()
+        sync(device)
+        start = time.perf_counter()
+        opts[0].step()
+        sync(device)
+        steps[name] = max(1, min(50, int(target_s / max(time.perf_counter() - start, 1e-6))))
+    samples = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            opts = runs[name]
+            for i in range(steps[name]):
+                clock.time(opts[i % len(opts)].step)
+            samples[name] += clock.collect()
+    return samples
+
+
+def host_overhead(runs, copies, device, reps):
+    """Host-side seconds per step() for FusedNAG and torch fused, {name: seconds} (medians, interleaved).
+
+    CUDA: the wall time of the step() call itself, which only launches (the queue is drained before each call).
+    CPU: step() runs the kernel too, so the kernel op is also called alone on the same lists and subtracted.
+    """
+    params, bufs = copies[0]
+    grads = [p.grad for p in params]
+    ops = {
+        "FusedNAG": lambda: torch.ops.nag_cuda.nag_step_(params, grads, bufs, [False] * len(params), HYPER["lr"],
+                                                         HYPER["momentum"], HYPER["weight_decay"], False),
+        "torch fused": lambda: torch._fused_sgd_(params, grads, bufs, weight_decay=HYPER["weight_decay"],
+                                                 momentum=HYPER["momentum"], lr=HYPER["lr"], dampening=0.0,
+                                                 nesterov=True, maximize=False, is_first_step=False),
+    }
+    calls = {name: runs[name][0].step for name in ops}
+    if device.type != "cuda":
+        calls.update({f"{name} kernel op": op for name, op in ops.items()})
+    samples = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            sync(device)
+            start = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - start)
+    sync(device)
+    median = {name: statistics.median(s) for name, s in samples.items()}
+    if device.type == "cuda":
+        return {name: median[name] for name in ops}
+    return {name: median[name] - median[f"{name} kernel op"] for name in ops}
+
+
+def step_allocations(opt, device):
+    """Bytes allocated during one steady-state step: the peak above the starting point on CUDA; on CPU the sum of all
+    allocations, from the profiler (which sees every allocation ATen makes)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        opt.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+# --- the report ------------------------------------------------------------------------------------------------------
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def markdown(result):
+    meta = result["meta"]
+    lines = [f"Device: {meta['device']}; torch {meta['torch']}, CUDA {meta['cuda']}, {meta['dtype']}, {meta['date']}",
+             f"Command: `{meta['command']}`",
+             f"Measured copy bandwidth: {result['copy_gbps']:.1f} GB/s (bytes read + written by a large copy_)", "",
+             "| set | tensors | params | method | ms/step | GB/s | % of copy | time ÷ FusedNAG |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for s in result["sets"]:
+        for i, (name, r) in enumerate(s["methods"].items()):
+            head = f"| {s['name']} | {s['tensors']} | {s['params'] / 1e6:.1f}M" if i == 0 else "| | |"
+            lines.append(f"{head} | {name} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['pct_copy']:.0f}% "
+                         f"| {r['vs_fusednag']:.2f} |")
+    host = result["host_overhead_us"]
+    lines += ["", f"Host-side cost of step() on {result['host_overhead_set']} (µs): "
+              + ", ".join(f"{name} {us:.0f}" for name, us in host.items()),
+              "", "Memory allocated during a steady-state step (bytes): "
+              + ", ".join(f"{name} {b}" for name, b in result["step_allocations"].items())]
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = [s["name"] for s in result["sets"]]
+    names = list(result["sets"][0]["methods"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(sets))]
+        left.bar(xs, [s["methods"][name]["gbps"] for s in result["sets"]], width, label=name)
+        right.bar(xs, [s["methods"][name]["vs_fusednag"] for s in result["sets"]], width, label=name)
+    left.axhline(result["copy_gbps"], color="black", linestyle="--", label="copy bandwidth")
+    left.set_ylabel(f"effective GB/s ({result['meta']['bytes_per_param']} B/param)")
+    right.axhline(1.0, color="black", linewidth=0.8)
+    right.set_ylabel("time ÷ FusedNAG time (higher: FusedNAG faster)")
+    for ax in (left, right):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets, rotation=15)
+    left.legend(fontsize=8)
+    fig.suptitle(f"{result['meta']['device']}, torch {result['meta']['torch']}, {result['meta']['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    parser.add_argument("--quick", action="store_true", help="smaller sets and fewer repetitions (CI-sized)")
+    parser.add_argument("--sets", nargs="+", help=f"subset of the sets to run (default: all of the mode's sets)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per set (default: 5 quick, 15 full)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where results go")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart (no matplotlib needed)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    available = {name: shapes[1 if args.quick else 0] for name, shapes in SETS.items()}
+    available = {name: make for name, make in available.items() if make is not None}
+    chosen = args.sets or list(available)
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        parser.error(f"unknown set(s) {unknown} for this mode; choose from {list(available)}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    rounds = args.rounds or (5 if args.quick else 15)
+    target_s = (0.02 if args.quick else 0.1) if device.type == "cpu" else 0.01
+    torch.manual_seed(0)
+
+    bytes_per_param = 5 * torch.empty(0, dtype=dtype).element_size()
+    clock = Clock(device)
+    copy_gbps = copy_bandwidth(device, clock, (64 if args.quick else 1024) * 2**20)
+    meta = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda or "none",
+                python=platform.python_version(), dtype=args.dtype, bytes_per_param=bytes_per_param,
+                date=datetime.date.today().isoformat(), quick=args.quick, rounds=rounds, hyper=HYPER,
+                command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]))
+    print(f"{meta['device']}: copy bandwidth {copy_gbps:.1f} GB/s", flush=True)
+
+    result = dict(meta=meta, copy_gbps=copy_gbps, sets=[])
+    host_set = "2000x64x64" if "2000x64x64" in chosen else chosen[0]
+    make = methods(device)
+    for name in chosen:
+        shapes = available[name]()
+        numel = sum(math.prod(s) for s in shapes)
+        copies = max(1, math.ceil(2 * cache_bytes(device) / (numel * bytes_per_param * 3 / 5)))
+        data = build_copies(shapes, device, dtype, copies)
+        runs = {m: make_optimizers(factory, data) for m, factory in make.items()}
+        samples = time_interleaved(runs, device, rounds, target_s, warmup=3)
+        ours = statistics.median(samples["FusedNAG"])
+        entry = dict(name=name, tensors=len(shapes), params=numel, copies=copies, methods={})
+        for m, s in samples.items():
+            sec = statistics.median(s)
+            gbps = numel * bytes_per_param / sec / 1e9
+            entry["methods"][m] = dict(ms=sec * 1e3, gbps=gbps, pct_copy=100 * gbps / copy_gbps,
+                                       vs_fusednag=sec / ours, samples=len(s),
+                                       ms_p10=1e3 * statistics.quantiles(s, n=10)[0] if len(s) > 1 else sec * 1e3,
+                                       ms_p90=1e3 * statistics.quantiles(s, n=10)[-1] if len(s) > 1 else sec * 1e3)
+        result["sets"].append(entry)
+        print(f"{name}: " + ", ".join(f"{m} {r['ms']:.3f} ms ({r['vs_fusednag']:.2f}x)"
+                                      for m, r in entry["methods"].items()), flush=True)
+        if name == host_set:
+            result["host_overhead_set"] = name
+            result["host_overhead_us"] = {m: 1e6 * s for m, s in
+                                          host_overhead(runs, data, device, reps=20 if args.quick else 100).items()}
+            result["step_allocations"] = {m: step_allocations(opts[0], device) for m, opts in runs.items()}
+        del runs, data
+
+    table = markdown(result)
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^a-z0-9]+", "-", f"{device.type} {meta['device']} {args.dtype}".lower()).strip("-")
+    stem += "-quick" if args.quick else ""
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    written = [f"{stem}.json", f"{stem}.md"]
+    if not args.no_plot:
+        plot(result, args.out / f"{stem}.png")
+        written.append(f"{stem}.png")
+    print(f"\nwrote {', '.join(written)} in {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
