@@ -37,9 +37,9 @@ struct Hyper {
 template <bool kFirst, typename T>
 NAG_HOST_DEVICE void nag_update(T& p, T grad, T& buf, const Hyper<T>& h) {
   T g = h.maximize ? -grad : grad;
-  if (h.weight_decay != T(0)) {
-    g = g + h.weight_decay * p;
-  }
+  // A select, not a branch, so that the CPU loop stays vectorisable; torch skips the term when weight_decay == 0
+  // (which matters for inf/nan parameters), and so does this.
+  g = h.weight_decay != T(0) ? g + h.weight_decay * p : g;
   buf = kFirst ? g : h.momentum * buf + g;
   g = g + h.momentum * buf;
   p = p - h.lr * g;
