@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU (the device tool's H100/H200): CUDA build, the whole test suite on CUDA and CPU, the
-# >2^31-element test, and one small step under compute-sanitizer memcheck. Logs go to $OUT (or ./gpu_check_out).
+# >2^31-element test, one small step under compute-sanitizer memcheck, then the step benchmark (fp32 and bf16).
+# Logs and benchmark results go to $OUT (or ./gpu_check_out); commit the results under benchmarks/results/.
 #   bash .ci/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +31,7 @@ torch.cuda.synchronize()
 print("sanitize_step: done")
 PY
 compute-sanitizer --tool memcheck --error-exitcode 1 python "$out/sanitize_step.py" 2>&1 | tail -n 5 | tee "$out/memcheck.log"
+
+for dtype in float32 bfloat16; do
+  python benchmarks/bench_step.py --dtype "$dtype" --out "$out/results" 2>&1 | tee "$out/bench_$dtype.log"
+done

@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import platform
+import random
 import re
 import shlex
 import statistics
@@ -133,15 +134,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def copy_bandwidth(device, clock, nbytes):
-    """The device's copy bandwidth in GB/s: bytes read + bytes written by dst.copy_(src), median of 20."""
+def bandwidths(device, clock, nbytes):
+    """GB/s (bytes read + bytes written, median of 20) of dst.copy_(src) and of x.mul_(1) in place.
+
+    The copy is the reference for "% of copy". On CPUs a copy also reads every destination line before writing it
+    (write-allocate), which a step does not need (it reads p and buf before writing them), so the in-place figure
+    is the closer ceiling there; on GPUs the two agree.
+    """
     src = torch.empty(nbytes // 4, device=device).uniform_()
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    for _ in range(20):
-        clock.time(lambda: dst.copy_(src))
-    return 2 * nbytes / statistics.median(clock.collect()) / 1e9
+    out = {}
+    for name, fn in (("copy", lambda: dst.copy_(src)), ("in_place", lambda: src.mul_(1.0))):
+        for _ in range(3):
+            fn()
+        for _ in range(20):
+            clock.time(fn)
+        out[name] = 2 * nbytes / statistics.median(clock.collect()) / 1e9
+    return out
 
 
 def cache_bytes(device):
@@ -180,7 +189,7 @@ def make_optimizers(make, copies):
 
 
 def time_interleaved(runs, device, rounds, target_s, warmup):
-    """Seconds per step of each run, {name: [samples]}: rounds of every method in turn (order rotated each round)."""
+    """Seconds per step of each run, {name: [samples]}: rounds of every method in turn, in a shuffled order."""
     clock = Clock(device)
     steps = {}
     for name, opts in runs.items():  # warm-up, and how many steps make about target_s per round
@@ -192,9 +201,11 @@ def time_interleaved(runs, device, rounds, target_s, warmup):
         sync(device)
         steps[name] = max(1, min(50, int(target_s / max(time.perf_counter() - start, 1e-6))))
     samples = {name: [] for name in runs}
-    names = list(runs)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    order = random.Random(0)
+    for _ in range(rounds):
+        # A fresh order each round: a method that always ran right after the same one would inherit its after-effects
+        # (foreach and the for-loop free large temporaries).
+        for name in order.sample(list(runs), len(runs)):
             opts = runs[name]
             for i in range(steps[name]):
                 clock.time(opts[i % len(opts)].step)
@@ -217,6 +228,7 @@ def host_overhead(runs, copies, device, reps):
                                                  momentum=HYPER["momentum"], lr=HYPER["lr"], dampening=0.0,
                                                  nesterov=True, maximize=False, is_first_step=False),
     }
+    ops = {name: op for name, op in ops.items() if name in runs}
     calls = {name: runs[name][0].step for name in ops}
     if device.type != "cuda":
         calls.update({f"{name} kernel op": op for name, op in ops.items()})
@@ -269,7 +281,8 @@ def markdown(result):
     meta = result["meta"]
     lines = [f"Device: {meta['device']}; torch {meta['torch']}, CUDA {meta['cuda']}, {meta['dtype']}, {meta['date']}",
              f"Command: `{meta['command']}`",
-             f"Measured copy bandwidth: {result['copy_gbps']:.1f} GB/s (bytes read + written by a large copy_)", "",
+             f"Measured bandwidth (bytes read + written, 1 GiB): copy_ {result['copy_gbps']:.1f} GB/s, "
+             f"in-place mul_ {result['in_place_gbps']:.1f} GB/s", "",
              "| set | tensors | params | method | ms/step | GB/s | % of copy | time ÷ FusedNAG |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for s in result["sets"]:
@@ -281,8 +294,28 @@ def markdown(result):
     lines += ["", f"Host-side cost of step() on {result['host_overhead_set']} (µs): "
               + ", ".join(f"{name} {us:.0f}" for name, us in host.items()),
               "", "Memory allocated during a steady-state step (bytes): "
-              + ", ".join(f"{name} {b}" for name, b in result["step_allocations"].items())]
+              + ", ".join(f"{name} {b}" for name, b in result["step_allocations"].items()),
+              "", "Targets (benchmark issue):"] + result["targets"]
     return "\n".join(lines)
+
+
+def target_lines(result, cuda):
+    """The issue's targets, each with the measured value and whether this run met it."""
+    checks = []
+    for s in result["sets"]:
+        r = s["methods"]
+        if "torch fused" in r:
+            need = 1.5 if cuda and s["tensors"] >= 2000 else 1.0
+            checks.append((f"{s['name']}: torch fused ÷ FusedNAG ≥ {need}", r["torch fused"]["vs_fusednag"], need))
+        if "torch foreach" in r:
+            need = 2.0 if cuda else 1.5
+            checks.append((f"{s['name']}: torch foreach ÷ FusedNAG ≥ {need}", r["torch foreach"]["vs_fusednag"], need))
+        if cuda and result["meta"]["dtype"] == "float32" and s["params"] >= 10**8:
+            checks.append((f"{s['name']}: FusedNAG % of copy bandwidth ≥ 90", r["FusedNAG"]["pct_copy"], 90))
+    host = result["host_overhead_us"]
+    if "torch fused" in host:
+        checks.append(("host cost of step(): torch fused ÷ FusedNAG ≥ 1.0", host["torch fused"] / host["FusedNAG"], 1.0))
+    return [f"- {'met' if value >= need else 'MISSED'}: {text} (measured {value:.2f})" for text, value, need in checks]
 
 
 def plot(result, path):
@@ -300,14 +333,15 @@ def plot(result, path):
         left.bar(xs, [s["methods"][name]["gbps"] for s in result["sets"]], width, label=name)
         right.bar(xs, [s["methods"][name]["vs_fusednag"] for s in result["sets"]], width, label=name)
     left.axhline(result["copy_gbps"], color="black", linestyle="--", label="copy bandwidth")
+    left.axhline(result["in_place_gbps"], color="gray", linestyle=":", label="in-place bandwidth")
     left.set_ylabel(f"effective GB/s ({result['meta']['bytes_per_param']} B/param)")
     right.axhline(1.0, color="black", linewidth=0.8)
     right.set_ylabel("time ÷ FusedNAG time (higher: FusedNAG faster)")
     for ax in (left, right):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets, rotation=15)
-    left.legend(fontsize=8)
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=len(names) + 2, fontsize=8)
     fig.suptitle(f"{result['meta']['device']}, torch {result['meta']['torch']}, {result['meta']['dtype']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -318,6 +352,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="smaller sets and fewer repetitions (CI-sized)")
     parser.add_argument("--sets", nargs="+", help=f"subset of the sets to run (default: all of the mode's sets)")
+    parser.add_argument("--methods", nargs="+", help="subset of the methods (default: all; FusedNAG always runs)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per set (default: 5 quick, 15 full)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where results go")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart (no matplotlib needed)")
@@ -339,16 +374,22 @@ def main(argv=None):
 
     bytes_per_param = 5 * torch.empty(0, dtype=dtype).element_size()
     clock = Clock(device)
-    copy_gbps = copy_bandwidth(device, clock, (64 if args.quick else 1024) * 2**20)
+    ceiling = bandwidths(device, clock, 2**30)
+    copy_gbps = ceiling["copy"]
     meta = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda or "none",
                 python=platform.python_version(), dtype=args.dtype, bytes_per_param=bytes_per_param,
                 date=datetime.date.today().isoformat(), quick=args.quick, rounds=rounds, hyper=HYPER,
                 command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]))
-    print(f"{meta['device']}: copy bandwidth {copy_gbps:.1f} GB/s", flush=True)
+    print(f"{meta['device']}: copy {copy_gbps:.1f} GB/s, in place {ceiling['in_place']:.1f} GB/s", flush=True)
 
-    result = dict(meta=meta, copy_gbps=copy_gbps, sets=[])
+    result = dict(meta=meta, copy_gbps=copy_gbps, in_place_gbps=ceiling["in_place"], sets=[])
     host_set = "2000x64x64" if "2000x64x64" in chosen else chosen[0]
     make = methods(device)
+    if args.methods:
+        unknown = [m for m in args.methods if m not in make]
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}; choose from {list(make)}")
+        make = {m: f for m, f in make.items() if m == "FusedNAG" or m in args.methods}
     for name in chosen:
         shapes = available[name]()
         numel = sum(math.prod(s) for s in shapes)
@@ -375,6 +416,7 @@ def main(argv=None):
             result["step_allocations"] = {m: step_allocations(opts[0], device) for m, opts in runs.items()}
         del runs, data
 
+    result["targets"] = target_lines(result, device.type == "cuda")
     table = markdown(result)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
