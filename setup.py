@@ -34,7 +34,8 @@ def extension():
     csrc = Path("csrc")
     sources = [str(csrc / f) for f in ("nag_ops.cpp", "nag_cpu.cpp")]
     # -fopenmp: at::parallel_for runs serially in code compiled without OpenMP.
-    # No contraction into fused multiply-adds on either side, so CPU and GPU round identically (see nag_math.h).
+    # No contraction into fused multiply-adds beyond the explicit fma() calls, so CPU and GPU round identically
+    # (see nag_math.h).
     # -fno-trapping-math lets gcc turn the math's selects into vector blends (the kernel never reads FP flags).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     common = dict(name="nag_cuda._C", include_dirs=[str(csrc.resolve())], extra_link_args=["-fopenmp"])

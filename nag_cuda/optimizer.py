@@ -39,7 +39,8 @@ class FusedNAG(Optimizer):
 
     A drop-in for ``torch.optim.SGD(params, lr, momentum, dampening=0, weight_decay, nesterov=True, maximize)``:
     the same update, the same ``state[p]["momentum_buffer"]`` and the same param-group keys, so state dicts load
-    in either direction. Per element, in float32 for float16/bfloat16 tensors (float64 for float64), rounded once::
+    in either direction. Per element (float32 and float64 results are bit-identical to torch's; float16/bfloat16
+    are computed in float32 and rounded once)::
 
         g = -grad if maximize else grad
         g = g + weight_decay * p

@@ -1,6 +1,7 @@
 """The FusedNAG update in plain PyTorch: the kernels' contract, for tests and for devices with no compiled kernel.
 
-Same arguments as torch.ops.nag_cuda.nag_step_. Math in float32 (float64 for float64 tensors), rounded once when
+Same arguments as torch.ops.nag_cuda.nag_step_. Math in float32 (float64 for float64 tensors) with torch's roundings
+(see csrc/nag_math.h), rounded to the tensor dtype once when
 p and buf are stored, as the kernels do.
 """
 
@@ -15,9 +16,10 @@ def nag_step_reference(params, grads, momentum_buffers, is_first, lr, momentum, 
         g = grad.to(math)
         if maximize:
             g = -g
+        # The roundings of torch's per-tensor SGD: add(..., alpha=x) is one fused multiply-add.
         if weight_decay != 0:
-            g = g + weight_decay * p.to(math)
-        b = g if first else momentum * buf.to(math) + g
-        g = g + momentum * b
-        p.copy_(p.to(math) - lr * g)
+            g = g.add(p.to(math), alpha=weight_decay)
+        b = g if first else buf.to(math).mul(momentum).add(g)
+        g = g.add(b, alpha=momentum)
+        p.copy_(p.to(math).add(g, alpha=-lr))
         buf.copy_(b)

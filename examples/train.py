@@ -1,0 +1,311 @@
+"""Train a small model on handwritten digits with FusedNAG or one of torch's SGD variants.
+
+    python examples/train.py                  # the article's CNN on scikit-learn's bundled 8x8 digits, FusedNAG, CPU
+    python examples/train.py --compare        # SGD, SGD+momentum, torch SGD-nesterov and FusedNAG, same seed
+    python examples/train.py --dataset mnist --data-dir DIR   # MNIST files already in DIR (torchvision's reader)
+    python examples/train.py --multi_gpu      # data-parallel through torchrun: NCCL on GPUs, gloo (2 processes) on CPU
+
+Every run writes metrics.csv, metrics.json and curves.png (and compare.md with --compare) to --out, by default a new
+folder under runs/. No data is downloaded: digits ship inside scikit-learn, and MNIST is read from --data-dir.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm import tqdm
+
+from nag_cuda import FusedNAG
+
+OPTIMIZERS = ["fusednag", "sgd-nesterov", "sgd-momentum", "sgd"]
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+def digits():
+    """scikit-learn's 1797 8x8 digits, split once and for all: 1437 train, 360 test (independent of --seed)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1437], order[1437:]
+    mean, std = x[train].mean(), x[train].std()
+    return TensorDataset((x[train] - mean) / std, y[train]), TensorDataset((x[test] - mean) / std, y[test])
+
+
+def mnist(data_dir: Path):
+    """MNIST from files already on disk, read by torchvision; never downloads."""
+    raw = data_dir / "MNIST" / "raw"
+    missing = [name for name in MNIST_FILES if not (raw / name).exists()]
+    if missing:
+        sys.exit(
+            f"train.py: MNIST files missing in {raw}: {', '.join(missing)}.\n"
+            f"Expected the four uncompressed files {', '.join(MNIST_FILES)} in {raw}/ (gunzip the .gz files).\n"
+            "This script does not download. On a machine with network access, run\n"
+            "  python -c \"import torchvision; torchvision.datasets.MNIST('DIR', download=True)\"\n"
+            "then copy DIR/MNIST to the --data-dir given here."
+        )
+    try:
+        from torchvision.datasets import MNIST
+    except Exception as error:  # torchvision can fail to import with other errors than ImportError
+        sys.exit(f"train.py: --dataset mnist uses torchvision's MNIST reader, and torchvision does not import: {error}")
+    sets = []
+    for train in (True, False):
+        ds = MNIST(str(data_dir), train=train, download=False)
+        x = (ds.data.float().unsqueeze(1) / 255.0 - 0.1307) / 0.3081
+        sets.append(TensorDataset(x, ds.targets))
+    return tuple(sets)
+
+
+# --- models ---------------------------------------------------------------------------------------------------------
+
+def cnn(size):
+    """The article's small CNN (PyTorch's MNIST example), with padded convolutions so it also fits 8x8 digits."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * (size // 2) ** 2, 128), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(128, 10),
+    )
+
+
+def mlp(size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(size * size, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                         nn.Linear(128, 10))
+
+
+def resnet18(size):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, 3, padding=1, bias=False)  # one channel, and no early downsampling of small images
+    model.maxpool = nn.Identity()
+    return model
+
+
+MODELS = {"cnn": cnn, "mlp": mlp, "resnet18": resnet18}
+
+
+def make_optimizer(name, params, args):
+    if name == "fusednag":
+        return FusedNAG(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+    momentum = 0.0 if name == "sgd" else args.momentum
+    return torch.optim.SGD(params, lr=args.learning_rate, momentum=momentum, weight_decay=args.weight_decay,
+                           nesterov=name == "sgd-nesterov")
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+
+def evaluate(model, data, device):
+    model.eval()
+    x, y = data.tensors
+    with torch.no_grad():
+        logits = torch.cat([model(x[i:i + 1000].to(device)).cpu() for i in range(0, len(y), 1000)])
+    return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def train(name, args, train_set, test_set, device, rank, world):
+    """One optimizer's run: a list of per-epoch metrics (the same on every rank)."""
+    torch.manual_seed(args.seed)  # the same initial model and dropout masks for every optimizer
+    model = MODELS[args.model](train_set.tensors[0].shape[-1]).to(device)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = make_optimizer(name, model.parameters(), args)
+    if world > 1:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=args.seed)
+        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)
+    else:
+        sampler = None
+        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(args.seed))
+    history = []
+    for epoch in range(1, args.num_epochs + 1):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        start = time.perf_counter()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        batches = tqdm(loader, desc=f"{name} epoch {epoch}/{args.num_epochs}", leave=False, disable=rank != 0,
+                       total=min(len(loader), args.max_batches or len(loader)))
+        for i, (x, y) in enumerate(batches):
+            if args.max_batches and i >= args.max_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+            totals += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
+        if world > 1:  # every rank saw its own shard
+            totals = totals.to(device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        seconds = time.perf_counter() - start
+        test_loss, test_acc = evaluate(model, test_set, device)
+        row = dict(optimizer=name, epoch=epoch, train_loss=(totals[0] / totals[2]).item(),
+                   train_acc=(totals[1] / totals[2]).item(), test_loss=test_loss, test_acc=test_acc, seconds=seconds)
+        history.append(row)
+        if rank == 0:
+            print(f"[{name}] epoch {epoch}/{args.num_epochs}  loss {row['train_loss']:.4f}  "
+                  f"train {100 * row['train_acc']:.2f}%  test {100 * test_acc:.2f}%  {seconds:.2f} s", flush=True)
+    return history
+
+
+# --- output ---------------------------------------------------------------------------------------------------------
+
+def table(histories):
+    lines = ["| optimizer | test accuracy | train loss | s/epoch |", "| --- | ---: | ---: | ---: |"]
+    for name, rows in histories.items():
+        per_epoch = sum(r["seconds"] for r in rows) / len(rows)
+        lines.append(f"| {name} | {100 * rows[-1]['test_acc']:.2f}% | {rows[-1]['train_loss']:.4f} | {per_epoch:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(histories, title, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in histories.items():
+        epochs = [r["epoch"] for r in rows]
+        style = dict(marker="o", label=name, linestyle="--" if name == "sgd-nesterov" else "-")
+        left.plot(epochs, [r["train_loss"] for r in rows], **style)
+        right.plot(epochs, [100 * r["test_acc"] for r in rows], **style)
+    left.set(xlabel="epoch", ylabel="train loss", yscale="log")
+    right.set(xlabel="epoch", ylabel="test accuracy (%)")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, args, device, histories, world):
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for rs in histories.values() for r in rs]
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, device=str(device),
+                processes=world, torch=torch.__version__, command=" ".join(["python"] + sys.argv),
+                date=datetime.datetime.now().isoformat(timespec="seconds"))
+    (out / "metrics.json").write_text(json.dumps(dict(meta, history=histories), indent=2) + "\n")
+    title = f"{args.model} on {args.dataset}, {device.type}" + (f" x{world}" if world > 1 else "")
+    plot(histories, title, out / "curves.png")
+    written = ["metrics.csv", "metrics.json", "curves.png"]
+    if args.compare:
+        (out / "compare.md").write_text(f"{title}, {args.num_epochs} epochs, seed {args.seed}\n\n{table(histories)}\n")
+        written.append("compare.md")
+    print(f"wrote {', '.join(written)} in {out}")
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="cnn")
+    parser.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="holds MNIST/raw/ for --dataset mnist")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="fusednag")
+    parser.add_argument("--compare", action="store_true", help="run every optimizer and write a comparison")
+    parser.add_argument("--num_epochs", type=positive(int), default=5)
+    parser.add_argument("--learning_rate", type=positive(float), default=0.05)
+    parser.add_argument("--momentum", type=positive(float), default=0.9, help="for every optimizer except sgd")
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--batch_size", type=positive(int), default=64)
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                        help="auto: CUDA when available, else CPU with a warning")
+    parser.add_argument("--use_cuda", action="store_true", help="the same as --device cuda")
+    parser.add_argument("--multi_gpu", action="store_true",
+                        help="data-parallel over all GPUs (or 2 CPU processes) through torchrun")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    parser.add_argument("--max-batches", type=positive(int), help="stop each epoch after this many batches (smoke runs)")
+    args = parser.parse_args(argv)
+    if args.weight_decay < 0:
+        parser.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if args.use_cuda:
+        args.device = "cuda"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--use_cuda/--device cuda: CUDA is not available here (use --device auto to fall back to CPU)")
+    if args.device == "auto":
+        if not torch.cuda.is_available():
+            print("train.py: warning: CUDA is not available, training on the CPU", file=sys.stderr)
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.model == "resnet18":
+        try:
+            import torchvision  # noqa: F401
+        except Exception as error:
+            parser.error(f"--model resnet18 needs torchvision, which does not import here: {error}")
+    if args.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = Path("runs") / f"{stamp}-{args.dataset}-{args.model}-{'compare' if args.compare else args.optimizer}"
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        parser.error(f"--out {args.out} is not empty; pass --overwrite or choose another folder")
+    return args
+
+
+def relaunch_with_torchrun(argv, args):
+    """--multi_gpu outside torchrun: start one process per GPU (2 on CPU) through torch.distributed.run."""
+    from torch.distributed.run import main as torchrun
+
+    procs = torch.cuda.device_count() if args.device == "cuda" else 2
+    print(f"train.py: --multi_gpu: starting {procs} processes with torchrun", flush=True)
+    # The children get the resolved --out, so that they agree on it; they run the same checks again.
+    torchrun(["--standalone", f"--nproc_per_node={procs}", __file__, *argv, "--out", str(args.out)])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.multi_gpu and "LOCAL_RANK" not in os.environ:
+        return relaunch_with_torchrun(argv, args)
+    world, rank = 1, 0
+    device = torch.device(args.device)
+    if args.multi_gpu:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if args.device == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    try:
+        train_set, test_set = digits() if args.dataset == "digits" else mnist(args.data_dir)
+        names = OPTIMIZERS[::-1] if args.compare else [args.optimizer]
+        histories = {name: train(name, args, train_set, test_set, device, rank, world) for name in names}
+        if rank == 0:
+            if args.compare:
+                print("\n" + table(histories))
+            write_outputs(args.out, args, device, histories, world)
+        return histories
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
