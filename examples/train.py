@@ -182,11 +182,16 @@ def plot(histories, title, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in histories.items():
         epochs = [r["epoch"] for r in rows]
-        style = dict(marker="o", label=name, linestyle="--" if name == "sgd-nesterov" else "-")
+        # torch's Nesterov SGD is drawn dashed on top: where FusedNAG matches it, both show.
+        nesterov = name == "sgd-nesterov"
+        style = dict(label=name, marker="x" if nesterov else "o", linestyle="--" if nesterov else "-",
+                     zorder=3 if nesterov else 2)
         left.plot(epochs, [r["train_loss"] for r in rows], **style)
         right.plot(epochs, [100 * r["test_acc"] for r in rows], **style)
     left.set(xlabel="epoch", ylabel="train loss", yscale="log")
     right.set(xlabel="epoch", ylabel="test accuracy (%)")
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()

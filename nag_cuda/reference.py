@@ -1,8 +1,7 @@
 """The FusedNAG update in plain PyTorch: the kernels' contract, for tests and for devices with no compiled kernel.
 
 Same arguments as torch.ops.nag_cuda.nag_step_. Math in float32 (float64 for float64 tensors) with torch's roundings
-(see csrc/nag_math.h), rounded to the tensor dtype once when
-p and buf are stored, as the kernels do.
+(see csrc/nag_math.h), rounded to the tensor dtype once when p and buf are stored, as the kernels do.
 """
 
 import torch
