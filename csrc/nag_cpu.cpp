@@ -61,6 +61,12 @@ NAG_VECTOR_CLONES void update_chunk(S* __restrict__ p, const S* __restrict__ g, 
   }
 }
 
+// GradScaler: grads unscaled in place, one block at a time (the block is then still in cache for the update).
+template <typename T, typename S = typename Io<T>::Storage, typename M = typename Io<T>::Math>
+NAG_VECTOR_CLONES void unscale_chunk(S* __restrict__ g, int64_t n, float inv_scale) {
+  for (int64_t i = 0; i < n; ++i) g[i] = Io<T>::store(unscale(Io<T>::load(g[i]), inv_scale));
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 // float16 <-> float32 with the F16C instructions, 8 at a time, both exact or round-to-nearest-even like c10's.
 __attribute__((target("avx2,f16c"))) void half_to_float(const uint16_t* src, float* dst, int64_t n) {
@@ -117,6 +123,8 @@ template <typename T>
 void run(const Group& group, const StepArgs& a) {
   using S = typename Io<T>::Storage;
   using M = typename Io<T>::Math;
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
+  const float inv_scale = a.inv_grad_scale != nullptr ? *a.inv_grad_scale : 1.0f;
   const Hyper<M> h{M(a.lr), M(a.momentum), M(a.weight_decay), a.maximize};
   LaunchTable table;
   for_each_table(group, table, [&](const LaunchTable& t) {
@@ -129,8 +137,9 @@ void run(const Group& group, const StepArgs& a) {
       for (int64_t block = begin; block < end; ++block) {
         const BlockWork w = block_work(t.block_start, t.numel, t.size, block);
         S* p = static_cast<S*>(t.param[w.segment]) + w.begin;
-        const S* g = static_cast<const S*>(t.grad[w.segment]) + w.begin;
+        S* g = static_cast<S*>(t.grad[w.segment]) + w.begin;
         S* b = static_cast<S*>(t.buf[w.segment]) + w.begin;
+        if (a.inv_grad_scale != nullptr) unscale_chunk<T>(g, w.end - w.begin, inv_scale);
         if (t.first[w.segment]) {
           update_block<true, T>(p, g, b, w.end - w.begin, h);
         } else {

@@ -17,7 +17,7 @@ struct Group {
   Dtype dtype = Dtype::kFloat;
   int64_t element_size = 0;
   std::vector<void*> param;
-  std::vector<const void*> grad;
+  std::vector<void*> grad;  // written only to unscale them for GradScaler
   std::vector<void*> buf;
   std::vector<int64_t> numel;
   std::vector<uint8_t> first;
@@ -33,7 +33,7 @@ void for_each_table(const Group& g, LaunchTable& table, Launch&& launch) {
                     const int64_t t = s[i].tensor;
                     const int64_t bytes = s[i].offset * g.element_size;
                     table.param[i] = static_cast<char*>(g.param[t]) + bytes;
-                    table.grad[i] = static_cast<const char*>(g.grad[t]) + bytes;
+                    table.grad[i] = static_cast<char*>(g.grad[t]) + bytes;
                     table.buf[i] = static_cast<char*>(g.buf[t]) + bytes;
                     table.numel[i] = s[i].numel;
                     table.first[i] = g.first[t];

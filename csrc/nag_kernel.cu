@@ -13,7 +13,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-static_assert(sizeof(LaunchTable) + sizeof(Hyper<double>) <= 32764,
+static_assert(sizeof(LaunchTable) + sizeof(Hyper<double>) + 2 * sizeof(float*) <= 32764,
               "kernel arguments must fit CUDA's 32 KiB parameter limit (CUDA 12.1+, sm_70+)");
 static_assert(kChunk % 8 == 0, "a chunk must keep 16-byte alignment for every dtype");
 
@@ -81,16 +81,29 @@ __device__ __forceinline__ void update_chunk(T* p, const T* g, T* b, int64_t n, 
   }
 }
 
+// GradScaler: the chunk's grads unscaled in place (rounded to their dtype, as torch.amp.GradScaler.unscale_ leaves
+// them) before the update reads them; the chunk is still in L2 then.
+template <typename T>
+__device__ __forceinline__ void unscale_chunk(T* g, int64_t n, float inv_scale) {
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) g[i] = from_math<T>(unscale(to_math(g[i]), inv_scale));
+}
+
 // NOTE: __grid_constant__ guarantees that blocks read the 32 KiB table where it is, in kernel-parameter memory,
 // with a dynamic index; a copy into each thread's local memory would cost more than the update itself.
-template <typename T>
+template <typename T, bool kScaled>
 __global__ void __launch_bounds__(kThreads)
-    nag_kernel(const __grid_constant__ LaunchTable table, const Hyper<typename Math<T>::type> h) {
+    nag_kernel(const __grid_constant__ LaunchTable table, const Hyper<typename Math<T>::type> h,
+               const float* inv_grad_scale, const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
   const BlockWork w = block_work(table.block_start, table.numel, table.size, blockIdx.x);
   const int64_t offset = w.begin;
   T* p = static_cast<T*>(table.param[w.segment]) + offset;
-  const T* g = static_cast<const T*>(table.grad[w.segment]) + offset;
+  T* g = static_cast<T*>(table.grad[w.segment]) + offset;
   T* b = static_cast<T*>(table.buf[w.segment]) + offset;
+  if (kScaled) {
+    unscale_chunk(g, w.end - w.begin, *inv_grad_scale);
+    __syncthreads();  // the update below reads grads that other threads of the block unscaled
+  }
   if (table.first[w.segment]) {
     update_chunk<true>(p, g, b, w.end - w.begin, h);
   } else {
@@ -103,7 +116,11 @@ const char* launch(const LaunchTable& table, const StepArgs& a, cudaStream_t str
   using M = typename Math<T>::type;
   const Hyper<M> h{M(a.lr), M(a.momentum), M(a.weight_decay), a.maximize};
   const unsigned blocks = static_cast<unsigned>(table.block_start[table.size]);
-  nag_kernel<T><<<blocks, kThreads, 0, stream>>>(table, h);
+  if (a.inv_grad_scale != nullptr) {
+    nag_kernel<T, true><<<blocks, kThreads, 0, stream>>>(table, h, a.inv_grad_scale, a.found_inf);
+  } else {
+    nag_kernel<T, false><<<blocks, kThreads, 0, stream>>>(table, h, nullptr, a.found_inf);
+  }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -9,11 +9,15 @@ namespace nag {
 enum class Dtype { kFloat, kDouble, kHalf, kBFloat16 };
 
 // A step's hyperparameters as the op receives them; each kernel converts them to its math type.
+// inv_grad_scale (1 / GradScaler's scale) and found_inf point to float32 scalars on the params' device, or are null:
+// the kernels read them there, so a step under GradScaler needs no host synchronisation.
 struct StepArgs {
   double lr;
   double momentum;
   double weight_decay;
   bool maximize;
+  const float* inv_grad_scale = nullptr;  // grads are unscaled and written back, as GradScaler.unscale_ does
+  const float* found_inf = nullptr;       // nonzero: the step changes nothing
 };
 
 // Launches the kernel for one table of `dtype` tensors on `stream` (a cudaStream_t) of the current device.

@@ -31,6 +31,10 @@ namespace nag {
 NAG_HOST_DEVICE float fused_mul_add(float a, float b, float c) { return fmaf(a, b, c); }
 NAG_HOST_DEVICE double fused_mul_add(double a, double b, double c) { return fma(a, b, c); }
 
+// GradScaler: grads are multiplied by 1/scale, as torch.amp.GradScaler.unscale_ does (the op computes 1/scale).
+template <typename T>
+NAG_HOST_DEVICE T unscale(T grad, float inv_scale) { return grad * static_cast<T>(inv_scale); }
+
 // Hyperparameters of one step, already converted to the math type.
 template <typename T>
 struct Hyper {

@@ -3,12 +3,14 @@
 #include <Python.h>
 
 #include <array>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/reciprocal.h>
 #include <ATen/ops/view_as_real.h>
 #include <torch/library.h>
 
@@ -53,13 +55,24 @@ bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tenso
   return p.is_non_overlapping_and_dense() && p.strides() == g.strides() && p.strides() == b.strides();
 }
 
+// GradScaler's grad_scale / found_inf: a float32 scalar on the params' device, read by the kernel there.
+void check_amp_tensor(const std::optional<at::Tensor>& t, const char* name, c10::Device device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "nag_step_: ", name,
+              " must be a one-element float32 tensor, got ", t->scalar_type(), " of shape ", t->sizes());
+  TORCH_CHECK(t->device() == device, "nag_step_: ", name, " is on ", t->device(), ", params on ", device);
+}
+
 // Checks everything nag_step_ needs, so that a caller can check all its calls before making the first one.
-void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs) {
+void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && bufs.size() == n, "nag_step_: params, grads and momentum_buffers must have equal "
               "lengths, got ", n, ", ", grads.size(), " and ", bufs.size());
   if (n == 0) return;
   const c10::Device device = params[0].device();
+  check_amp_tensor(grad_scale, "grad_scale", device);
+  check_amp_tensor(found_inf, "found_inf", device);
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(params[i].defined(), "nag_step_: params[", i, "] is undefined");
     TORCH_CHECK(params[i].device() == device, "nag_step_: params[", i, "] is on ", params[i].device(),
@@ -71,15 +84,18 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
     TORCH_CHECK(at::has_internal_overlap(params[i]) != at::MemOverlap::Yes &&
                     at::has_internal_overlap(bufs[i]) != at::MemOverlap::Yes,
                 "nag_step_: params[", i, "] or momentum_buffers[", i, "] has overlapping memory (e.g. expand())");
+    TORCH_CHECK(!grad_scale.has_value() || at::has_internal_overlap(grads[i]) != at::MemOverlap::Yes,
+                "nag_step_: grads[", i, "] has overlapping memory, and grad_scale means it is unscaled in place");
   }
 }
 
 void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
-              double lr, double momentum, double weight_decay, bool maximize) {
+              double lr, double momentum, double weight_decay, bool maximize,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
   TORCH_CHECK(is_first.size() == n, "nag_step_: params and is_first must have equal lengths, got ", n, " and ",
               is_first.size());
-  check_step(params, grads, bufs);  // everything is checked before anything is written
+  check_step(params, grads, bufs, grad_scale, found_inf);  // everything is checked before anything is written
   if (n == 0) return;
   const c10::Device device = params[0].device();
 
@@ -94,12 +110,13 @@ void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, 
     at::Tensor g = complex ? at::view_as_real(grads[i]) : grads[i];
     at::Tensor b = complex ? at::view_as_real(bufs[i]) : bufs[i];
     if (!same_dense_layout(p, g, b)) {
-      const at::Tensor p_orig = p, b_orig = b;
+      const at::Tensor p_orig = p, g_orig = g, b_orig = b;
       p = p.contiguous();
       g = g.contiguous();
       b = b.contiguous();
       if (!p.is_same(p_orig)) write_back.emplace_back(p_orig, p);
       if (!b.is_same(b_orig)) write_back.emplace_back(b_orig, b);
+      if (grad_scale.has_value() && !g.is_same(g_orig)) write_back.emplace_back(g_orig, g);
       keep_alive.push_back(g);
     }
     const Dtype dtype = to_dtype(p.scalar_type(), i);
@@ -107,13 +124,18 @@ void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, 
     group.dtype = dtype;
     group.element_size = p.element_size();
     group.param.push_back(p.data_ptr());
-    group.grad.push_back(g.const_data_ptr());
+    group.grad.push_back(g.data_ptr());
     group.buf.push_back(b.data_ptr());
     group.numel.push_back(p.numel());
     group.first.push_back(is_first.get(i) ? 1 : 0);
   }
 
-  const StepArgs args{lr, momentum, weight_decay, maximize};
+  // 1/scale computed once, on the device, by ATen: float division rounds like GradScaler's double reciprocal
+  // rounded to float (double has more than 2 * 24 + 2 bits), and the kernels only multiply.
+  const at::Tensor inv_grad_scale = grad_scale.has_value() ? grad_scale->reciprocal() : at::Tensor();
+  const StepArgs args{lr, momentum, weight_decay, maximize,
+                      inv_grad_scale.defined() ? inv_grad_scale.const_data_ptr<float>() : nullptr,
+                      found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr};
   for (const Group& group : groups) {
     if (group.numel.empty()) continue;
     if (device.is_cpu()) {
@@ -173,9 +195,11 @@ std::string build_info() {
 
 TORCH_LIBRARY(nag_cuda, m) {
   m.def(
-      "nag_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, float lr, "
-      "float momentum, float weight_decay, bool maximize) -> ()");
-  m.def("_check_step(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers) -> ()", &nag::check_step);
+      "nag_step_(Tensor(a!)[] params, Tensor(c!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
+      "float lr, float momentum, float weight_decay, bool maximize, *, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def("_check_step(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor? grad_scale=None, "
+        "Tensor? found_inf=None) -> ()", &nag::check_step);
   m.def("_plan(int[] numels, int max_segments, int max_blocks) -> Tensor", &nag::plan);
   m.def("_build_info() -> str", &nag::build_info);
 }

@@ -29,7 +29,7 @@ constexpr int64_t kMaxBlocks = 2147483647;
 
 struct LaunchTable {
   void* param[kMaxSegments];
-  const void* grad[kMaxSegments];
+  void* grad[kMaxSegments];  // written only to unscale them for GradScaler
   void* buf[kMaxSegments];
   int64_t numel[kMaxSegments];
   int32_t block_start[kMaxSegments + 1];  // segment s owns blocks [block_start[s], block_start[s + 1])

@@ -33,8 +33,9 @@ ops = torch.ops.nag_cuda
 
 
 @torch.library.register_fake("nag_cuda::nag_step_")
-def _nag_step_fake(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize):
-    # In-place on params and momentum_buffers, returns nothing: there is no output to describe.
+def _nag_step_fake(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize, *,
+                   grad_scale=None, found_inf=None):
+    # In-place on params, momentum_buffers (and grads, when unscaling), returns nothing: no output to describe.
     return None
 
 

@@ -34,6 +34,11 @@ def _check_group(group: dict) -> None:
         )
 
 
+def _on(device, t):
+    """GradScaler's scalar on the device of the params it applies to (a no-op where it already is)."""
+    return None if t is None else t.to(device, non_blocking=True)
+
+
 class FusedNAG(Optimizer):
     r"""SGD with Nesterov momentum, fused into one kernel launch per (device, dtype) of each param group.
 
@@ -60,6 +65,11 @@ class FusedNAG(Optimizer):
         >>> opt.step()
         >>> opt.zero_grad()
     """
+
+    # torch.amp.GradScaler.step() then calls step() directly, with `grad_scale` and `found_inf` set as attributes:
+    # the kernel unscales the grads (writing them back unscaled, as torch's own unscale_ and fused SGD do) and
+    # skips the whole step if found_inf is nonzero, all on the device, with no host synchronisation.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False):
         _check_hyperparameters(lr, momentum, weight_decay)
@@ -91,30 +101,36 @@ class FusedNAG(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Set by torch.amp.GradScaler.step() (see _step_supports_amp_scaling): None outside of it.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         calls, new_buffers = [], []
         for group in self.param_groups:
             _check_group(group)
             hyper = (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]),
                      bool(group["maximize"]))
-            for device, lists in self._gather(group, new_buffers).items():
-                calls.append((step_function(device), lists, hyper))
+            for device, lists in self._gather(group, new_buffers, may_skip=found_inf is not None).items():
+                amp = dict(grad_scale=_on(device, grad_scale), found_inf=_on(device, found_inf))
+                calls.append((step_function(device), lists, hyper, amp))
         # Nothing changes unless every call will succeed: a bad group, a sparse gradient or a mismatched momentum
         # buffer leaves all parameters and all momentum state as they were. The compiled op checks its arguments
         # before it writes, so the first call checks itself; the others (and the reference) are checked up front.
-        for i, (fn, (params, grads, bufs, _), _) in enumerate(calls):
+        for i, (fn, (params, grads, bufs, _), _, amp) in enumerate(calls):
             if i > 0 or fn is not ops.nag_step_:
-                ops._check_step(params, grads, bufs)
-        for fn, lists, hyper in calls:
-            fn(*lists, *hyper)
-        # A buffer becomes state only once the kernel has written it.
+                ops._check_step(params, grads, bufs, **amp)
+        for fn, lists, hyper, amp in calls:
+            fn(*lists, *hyper, **amp)
+        # A new buffer becomes state only once the kernel has written it (or, under GradScaler, zeroed: see _gather).
         for p, buf in new_buffers:
             self.state[p]["momentum_buffer"] = buf
         return loss
 
-    def _gather(self, group: dict, new_buffers: list) -> dict:
+    def _gather(self, group: dict, new_buffers: list, may_skip: bool) -> dict:
         """The kernel's tensor lists for one param group, per device: (params, grads, buffers, is_first).
 
         This loop runs for every parameter at every step, so it only collects; the op checks the tensors.
+        may_skip: GradScaler may skip this step on the device, which the host does not know without a sync. New
+        buffers are then zeros, stepped as not-first: momentum * 0 + g is exactly the first step's buffer g, and a
+        skipped step leaves valid zeros (torch's fused SGD leaves uninitialised memory as state there).
         """
         state = self.state
         by_device = {}
@@ -124,9 +140,10 @@ class FusedNAG(Optimizer):
                 continue
             st = state.get(p)
             buf = st.get("momentum_buffer") if st else None
-            first = buf is None
-            if first:
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            first = buf is None and not may_skip
+            if buf is None:
+                make = torch.zeros_like if may_skip else torch.empty_like
+                buf = make(p, memory_format=torch.preserve_format)
                 new_buffers.append((p, buf))
             lists = by_device.get(p.device)
             if lists is None:

@@ -7,8 +7,14 @@ Same arguments as torch.ops.nag_cuda.nag_step_. Math in float32 (float64 for flo
 import torch
 
 
-def nag_step_reference(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize):
+def nag_step_reference(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize, *,
+                       grad_scale=None, found_inf=None):
+    if found_inf is not None and found_inf.item() != 0:  # a host sync, acceptable in this fallback
+        return
+    inv_scale = grad_scale.reciprocal() if grad_scale is not None else None
     for p, grad, buf, first in zip(params, grads, momentum_buffers, is_first, strict=True):
+        if inv_scale is not None:
+            grad.mul_(inv_scale)  # as torch.amp.GradScaler.unscale_ does
         if p.is_complex():  # updated as (real, imaginary) pairs, as the kernels do
             p, grad, buf = torch.view_as_real(p), torch.view_as_real(grad), torch.view_as_real(buf)
         math = torch.float64 if p.dtype == torch.float64 else torch.float32

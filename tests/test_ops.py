@@ -26,6 +26,23 @@ def test_opcheck(device, dtype, first):
     torch.library.opcheck(op, (*op_args(dtype, device, first), *HYPER))
 
 
+@pytest.mark.parametrize("found_inf", [0.0, 1.0])
+def test_opcheck_with_grad_scaler_tensors(device, found_inf):
+    amp = dict(grad_scale=torch.tensor(64.0, device=device), found_inf=torch.tensor(found_inf, device=device))
+    torch.library.opcheck(op, (*op_args(torch.float32, device, False), *HYPER), amp)
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_kernel_matches_reference_under_grad_scaler(device, dtype, maximize):
+    ours = op_args(dtype, device, False)
+    ref = [[t.clone() for t in ts] for ts in ours[:3]] + [ours[3]]
+    amp = dict(grad_scale=torch.tensor(3.0, device=device), found_inf=torch.zeros((), device=device))
+    op(*ours, 0.05, 0.9, 1e-2, maximize, **amp)
+    nag_step_reference(*ref, 0.05, 0.9, 1e-2, maximize, **amp)
+    for a, b in zip(ours[0] + ours[1] + ours[2], ref[0] + ref[1] + ref[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("maximize", [False, True])
 def test_kernel_matches_reference(device, dtype, maximize):
     """The kernel and the pure-PyTorch reference round the same float math once: results agree to the last bit."""
