@@ -13,7 +13,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-static_assert(sizeof(LaunchTable) + sizeof(Hyper<double>) + 2 * sizeof(float*) <= 32764,
+static_assert(sizeof(LaunchTable) + sizeof(Hyper<double>) + 3 * sizeof(void*) <= 32764,
               "kernel arguments must fit CUDA's 32 KiB parameter limit (CUDA 12.1+, sm_70+)");
 static_assert(kChunk % 8 == 0, "a chunk must keep 16-byte alignment for every dtype");
 
@@ -92,9 +92,10 @@ __device__ __forceinline__ void unscale_chunk(T* g, int64_t n, float inv_scale) 
 // with a dynamic index; a copy into each thread's local memory would cost more than the update itself.
 template <typename T, bool kScaled>
 __global__ void __launch_bounds__(kThreads)
-    nag_kernel(const __grid_constant__ LaunchTable table, const Hyper<typename Math<T>::type> h,
-               const float* inv_grad_scale, const float* found_inf) {
+    nag_kernel(const __grid_constant__ LaunchTable table, Hyper<typename Math<T>::type> h,
+               const float* inv_grad_scale, const float* found_inf, const double* lr_tensor) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
+  if (lr_tensor != nullptr) h.lr = static_cast<typename Math<T>::type>(*lr_tensor);
   const BlockWork w = block_work(table.block_start, table.numel, table.size, blockIdx.x);
   const int64_t offset = w.begin;
   T* p = static_cast<T*>(table.param[w.segment]) + offset;
@@ -117,9 +118,9 @@ const char* launch(const LaunchTable& table, const StepArgs& a, cudaStream_t str
   const Hyper<M> h{M(a.lr), M(a.momentum), M(a.weight_decay), a.maximize};
   const unsigned blocks = static_cast<unsigned>(table.block_start[table.size]);
   if (a.inv_grad_scale != nullptr) {
-    nag_kernel<T, true><<<blocks, kThreads, 0, stream>>>(table, h, a.inv_grad_scale, a.found_inf);
+    nag_kernel<T, true><<<blocks, kThreads, 0, stream>>>(table, h, a.inv_grad_scale, a.found_inf, a.lr_tensor);
   } else {
-    nag_kernel<T, false><<<blocks, kThreads, 0, stream>>>(table, h, nullptr, a.found_inf);
+    nag_kernel<T, false><<<blocks, kThreads, 0, stream>>>(table, h, nullptr, a.found_inf, a.lr_tensor);
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

@@ -18,6 +18,7 @@ struct StepArgs {
   bool maximize;
   const float* inv_grad_scale = nullptr;  // grads are unscaled and written back, as GradScaler.unscale_ does
   const float* found_inf = nullptr;       // nonzero: the step changes nothing
+  const double* lr_tensor = nullptr;      // when set, the learning rate (and `lr` is not used)
 };
 
 // Launches the kernel for one table of `dtype` tensors on `stream` (a cudaStream_t) of the current device.

@@ -89,15 +89,23 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
   }
 }
 
-void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
-              double lr, double momentum, double weight_decay, bool maximize,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+// lr_tensor (the .tensor_lr overload): the learning rate is read by the kernel, on the device, so a step with a
+// tensor lr needs no host synchronisation and can be captured in a CUDA graph.
+void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
+               double lr, const at::Tensor* lr_tensor, double momentum, double weight_decay, bool maximize,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
   TORCH_CHECK(is_first.size() == n, "nag_step_: params and is_first must have equal lengths, got ", n, " and ",
               is_first.size());
   check_step(params, grads, bufs, grad_scale, found_inf);  // everything is checked before anything is written
   if (n == 0) return;
   const c10::Device device = params[0].device();
+  if (lr_tensor != nullptr) {
+    TORCH_CHECK(lr_tensor->numel() == 1 && at::isFloatingType(lr_tensor->scalar_type()),
+                "nag_step_: lr must be a one-element floating-point tensor, got ", lr_tensor->scalar_type(),
+                " of shape ", lr_tensor->sizes());
+    TORCH_CHECK(lr_tensor->device() == device, "nag_step_: lr is on ", lr_tensor->device(), ", params on ", device);
+  }
 
   // Tensors the kernel cannot walk linearly are updated through contiguous copies, written back afterwards.
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
@@ -133,9 +141,12 @@ void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, 
   // 1/scale computed once, on the device, by ATen: float division rounds like GradScaler's double reciprocal
   // rounded to float (double has more than 2 * 24 + 2 bits), and the kernels only multiply.
   const at::Tensor inv_grad_scale = grad_scale.has_value() ? grad_scale->reciprocal() : at::Tensor();
+  // As float64 (exact for float32), converted to the math type by the kernel like a float lr.
+  const at::Tensor lr64 = lr_tensor != nullptr ? lr_tensor->to(at::kDouble) : at::Tensor();
   const StepArgs args{lr, momentum, weight_decay, maximize,
                       inv_grad_scale.defined() ? inv_grad_scale.const_data_ptr<float>() : nullptr,
-                      found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr};
+                      found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr,
+                      lr64.defined() ? lr64.const_data_ptr<double>() : nullptr};
   for (const Group& group : groups) {
     if (group.numel.empty()) continue;
     if (device.is_cpu()) {
@@ -149,6 +160,19 @@ void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, 
     }
   }
   for (auto& [dst, src] : write_back) dst.copy_(src);
+}
+
+void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
+              double lr, double momentum, double weight_decay, bool maximize,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  step_impl(params, grads, bufs, is_first, lr, nullptr, momentum, weight_decay, maximize, grad_scale, found_inf);
+}
+
+void nag_step_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                        const c10::List<bool>& is_first, const at::Tensor& lr, double momentum, double weight_decay,
+                        bool maximize, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+  step_impl(params, grads, bufs, is_first, 0.0, &lr, momentum, weight_decay, maximize, grad_scale, found_inf);
 }
 
 // Test hook: the schedule as the kernels see it. One row per block: (launch, block, tensor, begin, end), where
@@ -198,17 +222,33 @@ TORCH_LIBRARY(nag_cuda, m) {
       "nag_step_(Tensor(a!)[] params, Tensor(c!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
       "float lr, float momentum, float weight_decay, bool maximize, *, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+  m.def(
+      "nag_step_.tensor_lr(Tensor(a!)[] params, Tensor(c!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
+      "Tensor lr, float momentum, float weight_decay, bool maximize, *, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   m.def("_check_step(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor? grad_scale=None, "
         "Tensor? found_inf=None) -> ()", &nag::check_step);
   m.def("_plan(int[] numels, int max_segments, int max_blocks) -> Tensor", &nag::plan);
   m.def("_build_info() -> str", &nag::build_info);
 }
 
-TORCH_LIBRARY_IMPL(nag_cuda, CPU, m) { m.impl("nag_step_", &nag::nag_step); }
+TORCH_LIBRARY_IMPL(nag_cuda, CPU, m) {
+  m.impl("nag_step_", &nag::nag_step);
+  m.impl("nag_step_.tensor_lr", &nag::nag_step_tensor_lr);
+}
 // A sparse gradient dispatches here; nag_step's checks then reject it with a clear message, before any write.
-TORCH_LIBRARY_IMPL(nag_cuda, SparseCPU, m) { m.impl("nag_step_", &nag::nag_step); }
+TORCH_LIBRARY_IMPL(nag_cuda, SparseCPU, m) {
+  m.impl("nag_step_", &nag::nag_step);
+  m.impl("nag_step_.tensor_lr", &nag::nag_step_tensor_lr);
+}
 
 #ifdef NAG_WITH_CUDA
-TORCH_LIBRARY_IMPL(nag_cuda, CUDA, m) { m.impl("nag_step_", &nag::nag_step); }
-TORCH_LIBRARY_IMPL(nag_cuda, SparseCUDA, m) { m.impl("nag_step_", &nag::nag_step); }
+TORCH_LIBRARY_IMPL(nag_cuda, CUDA, m) {
+  m.impl("nag_step_", &nag::nag_step);
+  m.impl("nag_step_.tensor_lr", &nag::nag_step_tensor_lr);
+}
+TORCH_LIBRARY_IMPL(nag_cuda, SparseCUDA, m) {
+  m.impl("nag_step_", &nag::nag_step);
+  m.impl("nag_step_.tensor_lr", &nag::nag_step_tensor_lr);
+}
 #endif

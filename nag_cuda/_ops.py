@@ -33,6 +33,7 @@ ops = torch.ops.nag_cuda
 
 
 @torch.library.register_fake("nag_cuda::nag_step_")
+@torch.library.register_fake("nag_cuda::nag_step_.tensor_lr")
 def _nag_step_fake(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize, *,
                    grad_scale=None, found_inf=None):
     # In-place on params, momentum_buffers (and grads, when unscaling), returns nothing: no output to describe.
@@ -51,10 +52,13 @@ _KERNEL_DEVICES = {"cpu"} | ({"cuda"} if build_info()["cuda"] else set())
 _warned = set()
 
 
-def step_function(device: torch.device):
-    """The compiled op where this build has a kernel for `device`, else the pure-PyTorch reference (with a warning)."""
+def step_function(device: torch.device, tensor_lr: bool = False):
+    """The compiled op where this build has a kernel for `device`, else the pure-PyTorch reference (with a warning).
+
+    tensor_lr: the op's overload that takes the learning rate as a tensor and reads it on the device.
+    """
     if device.type in _KERNEL_DEVICES:
-        return ops.nag_step_
+        return ops.nag_step_.tensor_lr if tensor_lr else ops.nag_step_.default
     if device.type not in _warned:
         _warned.add(device.type)
         warnings.warn(

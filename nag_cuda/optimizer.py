@@ -6,36 +6,43 @@ import torch
 from torch.optim import Optimizer
 
 from ._ops import ops, step_function
+from .reference import nag_step_reference
 
 __all__ = ["FusedNAG"]
 
 
-def _check_hyperparameters(lr, momentum, weight_decay) -> None:
-    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+def _check_hyperparameters(lr, momentum, weight_decay, values: bool = True) -> None:
+    """values=False (at every step): types only, plus the values of plain numbers; a tensor's value is checked
+    once, when its group is added, since reading a CUDA tensor on the host would synchronise every step."""
+    hyper = (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay))
+    for name, value in hyper:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
         elif not isinstance(value, Real):
             raise TypeError(f"{name} must be a real number or a 1-element tensor, got {type(value).__name__}")
-    if lr < 0.0:
+    lr, momentum, weight_decay = (None if isinstance(v, torch.Tensor) and not values else v for _, v in hyper)
+    if lr is not None and lr < 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if momentum <= 0.0:
+    if momentum is not None and momentum <= 0.0:
         raise ValueError(f"Invalid momentum value: {momentum} (Nesterov momentum requires momentum > 0)")
-    if weight_decay < 0.0:
+    if weight_decay is not None and weight_decay < 0.0:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
-def _check_group(group: dict) -> None:
-    _check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"])
+def _check_group(group: dict, values: bool = True) -> None:
+    _check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"], values)
     if not group.get("nesterov", True) or group.get("dampening", 0) != 0:
         raise ValueError(
             "FusedNAG implements SGD with nesterov=True and dampening=0 only; this param group has "
             f"nesterov={group.get('nesterov')}, dampening={group.get('dampening')}"
         )
+    if group.get("capturable") and any(isinstance(group[k], torch.Tensor) for k in ("momentum", "weight_decay")):
+        raise ValueError("capturable=True needs momentum and weight_decay as numbers (only lr may be a tensor)")
 
 
 def _on(device, t):
-    """GradScaler's scalar on the device of the params it applies to (a no-op where it already is)."""
+    """A scalar tensor (lr, GradScaler's) on the device of the params it applies to (a no-op where it already is)."""
     return None if t is None else t.to(device, non_blocking=True)
 
 
@@ -54,10 +61,14 @@ class FusedNAG(Optimizer):
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
-        lr: learning rate (default: 1e-3).
+        lr: learning rate (default: 1e-3); a float or a 1-element tensor. A tensor on the params' device is read by
+            the kernel there (no host synchronisation), and LR schedulers update it in place.
         momentum: momentum factor, > 0 (default: 0.9).
         weight_decay: L2 penalty (default: 0).
         maximize: maximize the objective instead of minimizing it (default: False).
+        capturable: the step may be captured in a CUDA graph (default: False). New momentum buffers then start as
+            zeros rather than with a first-step special case, which gives the same numbers; use a tensor lr for a
+            schedule that changes between replays.
 
     Example:
         >>> opt = FusedNAG(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -71,10 +82,10 @@ class FusedNAG(Optimizer):
     # skips the whole step if found_inf is nonzero, all on the device, with no host synchronisation.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False):
+    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False, capturable=False):
         _check_hyperparameters(lr, momentum, weight_decay)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize, nesterov=True,
-                        dampening=0)
+                        dampening=0, capturable=capturable)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -83,6 +94,7 @@ class FusedNAG(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("nesterov", True)
             group.setdefault("dampening", 0)
+            group.setdefault("capturable", False)
 
     def add_param_group(self, param_group: dict) -> None:
         # Check the group's own values before it joins the optimizer.
@@ -105,17 +117,20 @@ class FusedNAG(Optimizer):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         calls, new_buffers = [], []
         for group in self.param_groups:
-            _check_group(group)
-            hyper = (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]),
-                     bool(group["maximize"]))
-            for device, lists in self._gather(group, new_buffers, may_skip=found_inf is not None).items():
+            _check_group(group, values=False)
+            lr = group["lr"]
+            tensor_lr = isinstance(lr, torch.Tensor)  # read by the kernel on the device (LR schedulers fill_ it)
+            hyper = (float(group["momentum"]), float(group["weight_decay"]), bool(group["maximize"]))
+            may_skip = found_inf is not None or group["capturable"]
+            for device, lists in self._gather(group, new_buffers, may_skip).items():
                 amp = dict(grad_scale=_on(device, grad_scale), found_inf=_on(device, found_inf))
-                calls.append((step_function(device), lists, hyper, amp))
+                lr_here = _on(device, lr) if tensor_lr else float(lr)
+                calls.append((step_function(device, tensor_lr), lists, (lr_here, *hyper), amp))
         # Nothing changes unless every call will succeed: a bad group, a sparse gradient or a mismatched momentum
         # buffer leaves all parameters and all momentum state as they were. The compiled op checks its arguments
         # before it writes, so the first call checks itself; the others (and the reference) are checked up front.
         for i, (fn, (params, grads, bufs, _), _, amp) in enumerate(calls):
-            if i > 0 or fn is not ops.nag_step_:
+            if i > 0 or fn is nag_step_reference:
                 ops._check_step(params, grads, bufs, **amp)
         for fn, lists, hyper, amp in calls:
             fn(*lists, *hyper, **amp)
@@ -128,9 +143,10 @@ class FusedNAG(Optimizer):
         """The kernel's tensor lists for one param group, per device: (params, grads, buffers, is_first).
 
         This loop runs for every parameter at every step, so it only collects; the op checks the tensors.
-        may_skip: GradScaler may skip this step on the device, which the host does not know without a sync. New
-        buffers are then zeros, stepped as not-first: momentum * 0 + g is exactly the first step's buffer g, and a
-        skipped step leaves valid zeros (torch's fused SGD leaves uninitialised memory as state there).
+        may_skip: GradScaler may skip this step on the device, which the host does not know without a sync, or
+        the step may be captured in a CUDA graph and replayed. New buffers are then zeros, stepped as not-first:
+        momentum * 0 + g is exactly the first step's buffer g, a skipped step leaves valid zeros (torch's fused SGD
+        leaves uninitialised memory as state there), and a replayed step is a steady-state step.
         """
         state = self.state
         by_device = {}

@@ -9,7 +9,7 @@ from nag_cuda.reference import nag_step_reference
 from conftest import requires_cuda_kernel
 from test_parity import SHAPES, make_grads, make_params
 
-op = torch.ops.nag_cuda.nag_step_
+op = torch.ops.nag_cuda.nag_step_.default
 HYPER = (0.05, 0.9, 1e-2, False)  # lr, momentum, weight_decay, maximize
 
 
@@ -24,6 +24,12 @@ def op_args(dtype, device, first=True):
 def test_opcheck(device, dtype, first):
     # schema (mutation annotations), fake tensor, autograd registration, and torch.compile's view of the op
     torch.library.opcheck(op, (*op_args(dtype, device, first), *HYPER))
+
+
+def test_opcheck_tensor_lr(device):
+    lr = torch.tensor(HYPER[0], device=device)
+    torch.library.opcheck(torch.ops.nag_cuda.nag_step_.tensor_lr, (*op_args(torch.float32, device, False), lr,
+                                                                   *HYPER[1:]))
 
 
 @pytest.mark.parametrize("found_inf", [0.0, 1.0])
