@@ -41,6 +41,25 @@ def _check_group(group: dict, values: bool = True) -> None:
         raise ValueError("capturable=True needs momentum and weight_decay as numbers (only lr may be a tensor)")
 
 
+try:  # torch.distributed is optional in torch builds
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    DTensor = None
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _local(p, grad, buf):
+    """DTensor params (FSDP2, tensor parallel): the kernel updates this rank's shard in place, with no gather; the
+    buffer stays a DTensor in the state, sharded like its param."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return p, grad, buf
+    if not isinstance(grad, DTensor) or grad.placements != p.placements:
+        raise ValueError(f"FusedNAG: the grad of a DTensor parameter with placements {p.placements} must be a DTensor "
+                         f"with the same placements, got {getattr(grad, 'placements', type(grad).__name__)}")
+    return p.to_local(), grad.to_local(), buf.to_local() if isinstance(buf, DTensor) else buf
+
+
 def _on(device, t):
     """A scalar tensor (lr, GradScaler's) on the device of the params it applies to (a no-op where it already is)."""
     return None if t is None else t.to(device, non_blocking=True)
@@ -161,6 +180,8 @@ class FusedNAG(Optimizer):
                 make = torch.zeros_like if may_skip else torch.empty_like
                 buf = make(p, memory_format=torch.preserve_format)
                 new_buffers.append((p, buf))
+            if type(p) not in _PLAIN:
+                p, grad, buf = _local(p, grad, buf)
             lists = by_device.get(p.device)
             if lists is None:
                 lists = by_device[p.device] = ([], [], [], [])
