@@ -2,6 +2,7 @@
 ZeroRedundancyOptimizer each match single-process training on the whole batch, and their state round-trips."""
 import copy
 import datetime
+import gc
 import socket
 
 import pytest
@@ -130,6 +131,9 @@ def worker(rank, port, name):
                             timeout=datetime.timedelta(seconds=60))
     try:
         {"ddp": check_ddp, "fsdp2": check_fsdp2, "zero": check_zero}[name](rank, batches())
+        # DDP/FSDP objects sit in reference cycles: free them while their process group still exists (freed at
+        # interpreter exit instead, gloo sometimes aborted with "terminate called without an active exception").
+        gc.collect()
         dist.barrier()  # no rank tears the group down while the other still has collectives in flight
     finally:  # also when a check fails, so that the other rank and the next test are not left hanging
         dist.destroy_process_group()
