@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU (the device tool's H100/H200): CUDA build, the whole test suite on CUDA and CPU, the
-# >2^31-element test, one small step under compute-sanitizer memcheck, then the step benchmark (fp32 and bf16).
-# Logs and benchmark results go to $OUT (or ./gpu_check_out); commit the results under benchmarks/results/.
-#   bash .ci/gpu_check.sh
+# On a machine with a CUDA GPU (the device tool's H100/H200):
+#   test:  CUDA build, the whole test suite on CUDA and CPU (the >2^31-element, CUDA-graph, AMP and no-sync tests
+#          included), and one small step under compute-sanitizer memcheck;
+#   bench: the step benchmark in float32 and bfloat16.
+#   bash .ci/gpu_check.sh [all|test|bench]      (default all; each stage fits one 10-minute device call)
+# Everything printed goes to $OUT/gpu_check.log and the benchmark results to $OUT/results (7 files in all, within
+# the device tool's 8); commit the results under benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+stage=${1:-all}
 out=${OUT:-gpu_check_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+exec > >(tee -a "$out/gpu_check.log") 2>&1
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-NAG_CUDA_BUILD=1 python -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 3 | tee "$out/build.log"
-python -m nag_cuda | tee "$out/info.txt"
-python -m pytest -q -rs tests 2>&1 | tee "$out/pytest.log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+# build/ is kept between calls on a warm machine, so a second stage rebuilds only what changed.
+NAG_CUDA_BUILD=1 python -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 3
+python -m nag_cuda
 
-cat > "$out/sanitize_step.py" <<'PY'
+if [ "$stage" = all ] || [ "$stage" = test ]; then
+  python -m pytest -q -rs tests
+  step=$(mktemp --suffix=.py)
+  cat > "$step" <<'PY'
 import torch
 from nag_cuda import FusedNAG
 torch.manual_seed(0)
@@ -30,8 +38,11 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
 torch.cuda.synchronize()
 print("sanitize_step: done")
 PY
-compute-sanitizer --tool memcheck --error-exitcode 1 python "$out/sanitize_step.py" 2>&1 | tail -n 5 | tee "$out/memcheck.log"
+  compute-sanitizer --tool memcheck --error-exitcode 1 python "$step" 2>&1 | tail -n 5
+fi
 
-for dtype in float32 bfloat16; do
-  python benchmarks/bench_step.py --dtype "$dtype" --out "$out/results" 2>&1 | tee "$out/bench_$dtype.log"
-done
+if [ "$stage" = all ] || [ "$stage" = bench ]; then
+  for dtype in float32 bfloat16; do
+    python benchmarks/bench_step.py --dtype "$dtype" --out "$out/results"
+  done
+fi
