@@ -125,7 +125,9 @@ void run(const Group& group, const StepArgs& a) {
   using M = typename Io<T>::Math;
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
   const float inv_scale = a.inv_grad_scale != nullptr ? *a.inv_grad_scale : 1.0f;
-  const double lr = a.lr_tensor != nullptr ? *a.lr_tensor : a.lr;
+  const double lr = a.lr_tensor == nullptr ? a.lr
+                    : a.lr_tensor_is_double ? *static_cast<const double*>(a.lr_tensor)
+                                            : *static_cast<const float*>(a.lr_tensor);
   const Hyper<M> h{M(lr), M(a.momentum), M(a.weight_decay), a.maximize};
   LaunchTable table;
   for_each_table(group, table, [&](const LaunchTable& t) {

@@ -13,7 +13,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-static_assert(sizeof(LaunchTable) + sizeof(Hyper<double>) + 3 * sizeof(void*) <= 32764,
+static_assert(sizeof(LaunchTable) + sizeof(Hyper<double>) + 4 * sizeof(void*) <= 32764,
               "kernel arguments must fit CUDA's 32 KiB parameter limit (CUDA 12.1+, sm_70+)");
 static_assert(kChunk % 8 == 0, "a chunk must keep 16-byte alignment for every dtype");
 
@@ -93,9 +93,13 @@ __device__ __forceinline__ void unscale_chunk(T* g, int64_t n, float inv_scale) 
 template <typename T, bool kScaled>
 __global__ void __launch_bounds__(kThreads)
     nag_kernel(const __grid_constant__ LaunchTable table, Hyper<typename Math<T>::type> h,
-               const float* inv_grad_scale, const float* found_inf, const double* lr_tensor) {
+               const float* inv_grad_scale, const float* found_inf, const void* lr_tensor, bool lr_is_double) {
+  using M = typename Math<T>::type;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
-  if (lr_tensor != nullptr) h.lr = static_cast<typename Math<T>::type>(*lr_tensor);
+  if (lr_tensor != nullptr) {  // as a float lr is converted: through double (exact for float32)
+    h.lr = static_cast<M>(lr_is_double ? *static_cast<const double*>(lr_tensor)
+                                       : static_cast<double>(*static_cast<const float*>(lr_tensor)));
+  }
   const BlockWork w = block_work(table.block_start, table.numel, table.size, blockIdx.x);
   const int64_t offset = w.begin;
   T* p = static_cast<T*>(table.param[w.segment]) + offset;
@@ -118,9 +122,11 @@ const char* launch(const LaunchTable& table, const StepArgs& a, cudaStream_t str
   const Hyper<M> h{M(a.lr), M(a.momentum), M(a.weight_decay), a.maximize};
   const unsigned blocks = static_cast<unsigned>(table.block_start[table.size]);
   if (a.inv_grad_scale != nullptr) {
-    nag_kernel<T, true><<<blocks, kThreads, 0, stream>>>(table, h, a.inv_grad_scale, a.found_inf, a.lr_tensor);
+    nag_kernel<T, true><<<blocks, kThreads, 0, stream>>>(table, h, a.inv_grad_scale, a.found_inf, a.lr_tensor,
+                                                         a.lr_tensor_is_double);
   } else {
-    nag_kernel<T, false><<<blocks, kThreads, 0, stream>>>(table, h, nullptr, a.found_inf, a.lr_tensor);
+    nag_kernel<T, false><<<blocks, kThreads, 0, stream>>>(table, h, nullptr, a.found_inf, a.lr_tensor,
+                                                          a.lr_tensor_is_double);
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

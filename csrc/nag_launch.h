@@ -18,7 +18,8 @@ struct StepArgs {
   bool maximize;
   const float* inv_grad_scale = nullptr;  // grads are unscaled and written back, as GradScaler.unscale_ does
   const float* found_inf = nullptr;       // nonzero: the step changes nothing
-  const double* lr_tensor = nullptr;      // when set, the learning rate (and `lr` is not used)
+  const void* lr_tensor = nullptr;        // when set, the learning rate (and `lr` is not used): a float32
+  bool lr_tensor_is_double = false;       // or, when this is true, a float64 scalar on the device
 };
 
 // Launches the kernel for one table of `dtype` tensors on `stream` (a cudaStream_t) of the current device.

@@ -101,8 +101,9 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
   if (n == 0) return;
   const c10::Device device = params[0].device();
   if (lr_tensor != nullptr) {
-    TORCH_CHECK(lr_tensor->numel() == 1 && at::isFloatingType(lr_tensor->scalar_type()),
-                "nag_step_: lr must be a one-element floating-point tensor, got ", lr_tensor->scalar_type(),
+    TORCH_CHECK(lr_tensor->numel() == 1 &&
+                    (lr_tensor->scalar_type() == at::kFloat || lr_tensor->scalar_type() == at::kDouble),
+                "nag_step_: lr must be a one-element float32 or float64 tensor, got ", lr_tensor->scalar_type(),
                 " of shape ", lr_tensor->sizes());
     TORCH_CHECK(lr_tensor->device() == device, "nag_step_: lr is on ", lr_tensor->device(), ", params on ", device);
   }
@@ -141,12 +142,11 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
   // 1/scale computed once, on the device, by ATen: float division rounds like GradScaler's double reciprocal
   // rounded to float (double has more than 2 * 24 + 2 bits), and the kernels only multiply.
   const at::Tensor inv_grad_scale = grad_scale.has_value() ? grad_scale->reciprocal() : at::Tensor();
-  // As float64 (exact for float32), converted to the math type by the kernel like a float lr.
-  const at::Tensor lr64 = lr_tensor != nullptr ? lr_tensor->to(at::kDouble) : at::Tensor();
   const StepArgs args{lr, momentum, weight_decay, maximize,
                       inv_grad_scale.defined() ? inv_grad_scale.const_data_ptr<float>() : nullptr,
                       found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr,
-                      lr64.defined() ? lr64.const_data_ptr<double>() : nullptr};
+                      lr_tensor != nullptr ? lr_tensor->const_data_ptr() : nullptr,
+                      lr_tensor != nullptr && lr_tensor->scalar_type() == at::kDouble};
   for (const Group& group : groups) {
     if (group.numel.empty()) continue;
     if (device.is_cpu()) {

@@ -123,3 +123,20 @@ def test_cuda_graph_of_a_whole_training_step_matches_eager():
     torch.cuda.synchronize()
     for p, q in zip(graphed.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_lr_dtypes():
+    """float32 and float64 lr tensors give the float lr's result; other dtypes are refused before anything changes."""
+    results = []
+    for lr in (0.1, torch.tensor(0.1), torch.tensor(0.1, dtype=torch.float64)):
+        p = torch.arange(5.0, requires_grad=True)
+        p.grad = torch.ones(5)
+        FusedNAG([p], lr=lr, **KW).step()
+        results.append(p.detach())
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    p = torch.arange(5.0, requires_grad=True)
+    p.grad = torch.ones(5)
+    opt = FusedNAG([p], lr=torch.tensor(0.1, dtype=torch.bfloat16), **KW)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.arange(5.0)) and not opt.state
