@@ -232,23 +232,16 @@ TORCH_LIBRARY(nag_cuda, m) {
   m.def("_build_info() -> str", &nag::build_info);
 }
 
-TORCH_LIBRARY_IMPL(nag_cuda, CPU, m) {
-  m.impl("nag_step_", &nag::nag_step);
-  m.impl("nag_step_.tensor_lr", &nag::nag_step_tensor_lr);
-}
-// A sparse gradient dispatches here; nag_step's checks then reject it with a clear message, before any write.
-TORCH_LIBRARY_IMPL(nag_cuda, SparseCPU, m) {
+// The same kernels for every backend: they dispatch on the tensors' device themselves. A sparse gradient
+// dispatches to the Sparse* keys, where nag_step's checks reject it with a clear message, before any write.
+static void impl_step(torch::Library& m) {
   m.impl("nag_step_", &nag::nag_step);
   m.impl("nag_step_.tensor_lr", &nag::nag_step_tensor_lr);
 }
 
+TORCH_LIBRARY_IMPL(nag_cuda, CPU, m) { impl_step(m); }
+TORCH_LIBRARY_IMPL(nag_cuda, SparseCPU, m) { impl_step(m); }
 #ifdef NAG_WITH_CUDA
-TORCH_LIBRARY_IMPL(nag_cuda, CUDA, m) {
-  m.impl("nag_step_", &nag::nag_step);
-  m.impl("nag_step_.tensor_lr", &nag::nag_step_tensor_lr);
-}
-TORCH_LIBRARY_IMPL(nag_cuda, SparseCUDA, m) {
-  m.impl("nag_step_", &nag::nag_step);
-  m.impl("nag_step_.tensor_lr", &nag::nag_step_tensor_lr);
-}
+TORCH_LIBRARY_IMPL(nag_cuda, CUDA, m) { impl_step(m); }
+TORCH_LIBRARY_IMPL(nag_cuda, SparseCUDA, m) { impl_step(m); }
 #endif
