@@ -351,7 +351,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="smaller sets and fewer repetitions (CI-sized)")
-    parser.add_argument("--sets", nargs="+", help=f"subset of the sets to run (default: all of the mode's sets)")
+    parser.add_argument("--sets", nargs="+", help="subset of the sets to run (default: all of the mode's sets)")
     parser.add_argument("--methods", nargs="+", help="subset of the methods (default: all; FusedNAG always runs)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per set (default: 5 quick, 15 full)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where results go")
