@@ -3,13 +3,16 @@
     python benchmarks/bench_step.py            # every set, on CUDA when available, else CPU
     python benchmarks/bench_step.py --quick    # smaller sets, fewer repetitions: under a minute on 2 CPU cores
 
-Methods: torch SGD for-loop (foreach=False), foreach, fused; FusedNAG; apex FusedSGD when importable (CUDA).
+Methods: torch SGD for-loop (foreach=False), foreach, fused; FusedNAG; apex FusedSGD when importable (CUDA); and
+FusedNAG's low-precision modes for the dtype (momentum_dtype, master_weights, stochastic_rounding), which move other
+numbers of bytes per parameter (bytes_per_param below) and keep their own state.
 All methods run in one process, interleaved round by round, so their ratios are comparable even on a noisy machine.
 Every method steps the same parameter, gradient and momentum tensors (each optimizer's state is pointed at one shared
 set of buffers): the work per step is identical, and memory holds one copy of the state instead of one per method.
 
 Per set it reports the median ms per step, the effective bandwidth (bytes per parameter x parameters / time, with
-20 B/param for fp32: read p, g, buf, write p, buf), that as a % of the device's copy bandwidth measured in the same run,
+20 B/param for fp32: read p, g, buf, write p, buf; each mode its own), that as a % of the device's copy bandwidth
+measured in the same run (the roofline: no method can beat its bytes at that bandwidth),
 and each method's time / FusedNAG's. It also measures the host-side cost of step() and the memory a steady-state step
 allocates, then writes a markdown table, JSON and a PNG chart under --out.
 """
@@ -83,12 +86,36 @@ SETS = {  # name: (shapes in the full run, shapes with --quick)
 
 # --- the methods -----------------------------------------------------------------------------------------------------
 
-def methods(device):
+# FusedNAG's low-precision modes worth timing for params of each dtype: method name -> options.
+MODES = {
+    torch.float32: {"FusedNAG bf16 momentum": dict(momentum_dtype=torch.bfloat16)},
+    torch.float16: {"FusedNAG fp32 momentum": dict(momentum_dtype=torch.float32),
+                    "FusedNAG master weights": dict(master_weights=True)},
+    torch.bfloat16: {"FusedNAG fp32 momentum": dict(momentum_dtype=torch.float32),
+                     "FusedNAG master weights": dict(master_weights=True),
+                     "FusedNAG stochastic rounding": dict(stochastic_rounding=True, sr_seed=0)},
+}
+
+
+def bytes_per_param(dtype, options=None):
+    """The fewest bytes a step moves per parameter: each tensor read once and written once where it changes."""
+    options = options or {}
+    size = torch.empty(0, dtype=dtype).element_size()
+    master = options.get("master_weights", False)
+    buf = torch.empty(0, dtype=options.get("momentum_dtype") or (torch.float32 if master else dtype)).element_size()
+    if master:  # read grad, write param; read + write buffer and the float32 master
+        return 2 * size + 2 * buf + 8
+    return 3 * size + 2 * buf  # read grad; read + write param and buffer
+
+
+def methods(device, dtype):
     def sgd(**mode):
         return lambda params: torch.optim.SGD(params, nesterov=True, **mode, **HYPER)
 
     found = {"FusedNAG": lambda params: FusedNAG(params, **HYPER),
              "torch fused": sgd(fused=True), "torch foreach": sgd(foreach=True), "torch for-loop": sgd(foreach=False)}
+    for name, options in MODES.get(dtype, {}).items():
+        found[name] = lambda params, options=options: FusedNAG(params, **HYPER, **options)
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedSGD
@@ -177,13 +204,17 @@ def build_copies(shapes, device, dtype, copies):
     return out
 
 
-def make_optimizers(make, copies):
-    """One optimizer per copy, its momentum state pointed at the copy's shared buffers (so every step is steady state)."""
+def make_optimizers(make, copies, own_state):
+    """One optimizer per copy, its momentum state pointed at the copy's shared buffers (so every step is steady state).
+    own_state: a FusedNAG mode with state of other dtypes, which makes it in a first step."""
     opts = []
     for params, bufs in copies:
         opt = make(params)
-        for p, buf in zip(params, bufs):
-            opt.state[p]["momentum_buffer"] = buf
+        if own_state:
+            opt.step()
+        else:
+            for p, buf in zip(params, bufs):
+                opt.state[p]["momentum_buffer"] = buf
         opts.append(opt)
     return opts
 
@@ -283,13 +314,13 @@ def markdown(result):
              f"Command: `{meta['command']}`",
              f"Measured bandwidth (bytes read + written, 1 GiB): copy_ {result['copy_gbps']:.1f} GB/s, "
              f"in-place mul_ {result['in_place_gbps']:.1f} GB/s", "",
-             "| set | tensors | params | method | ms/step | GB/s | % of copy | time ÷ FusedNAG |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| set | tensors | params | method | B/param | ms/step | roofline ms | GB/s | % of copy | time ÷ FusedNAG |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in result["sets"]:
         for i, (name, r) in enumerate(s["methods"].items()):
             head = f"| {s['name']} | {s['tensors']} | {s['params'] / 1e6:.1f}M" if i == 0 else "| | |"
-            lines.append(f"{head} | {name} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['pct_copy']:.0f}% "
-                         f"| {r['vs_fusednag']:.2f} |")
+            lines.append(f"{head} | {name} | {r['bytes_per_param']} | {r['ms']:.3f} | {r['roofline_ms']:.3f} "
+                         f"| {r['gbps']:.0f} | {r['pct_copy']:.0f}% | {r['vs_fusednag']:.2f} |")
     host = result["host_overhead_us"]
     lines += ["", f"Host-side cost of step() on {result['host_overhead_set']} (µs): "
               + ", ".join(f"{name} {us:.0f}" for name, us in host.items()),
@@ -334,7 +365,7 @@ def plot(result, path):
         right.bar(xs, [s["methods"][name]["vs_fusednag"] for s in result["sets"]], width, label=name)
     left.axhline(result["copy_gbps"], color="black", linestyle="--", label="copy bandwidth")
     left.axhline(result["in_place_gbps"], color="gray", linestyle=":", label="in-place bandwidth")
-    left.set_ylabel(f"effective GB/s ({result['meta']['bytes_per_param']} B/param)")
+    left.set_ylabel("effective GB/s (each method's own bytes per param)")
     right.axhline(1.0, color="black", linewidth=0.8)
     right.set_ylabel("time ÷ FusedNAG time (higher: FusedNAG faster)")
     for ax in (left, right):
@@ -372,19 +403,20 @@ def main(argv=None):
     target_s = (0.02 if args.quick else 0.1) if device.type == "cpu" else 0.01
     torch.manual_seed(0)
 
-    bytes_per_param = 5 * torch.empty(0, dtype=dtype).element_size()
+    modes = MODES.get(dtype, {})
+    per_param = {name: bytes_per_param(dtype, modes.get(name)) for name in methods(device, dtype)}
     clock = Clock(device)
     ceiling = bandwidths(device, clock, 2**30)
     copy_gbps = ceiling["copy"]
     meta = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda or "none",
-                python=platform.python_version(), dtype=args.dtype, bytes_per_param=bytes_per_param,
+                python=platform.python_version(), dtype=args.dtype, bytes_per_param=per_param,
                 date=datetime.date.today().isoformat(), quick=args.quick, rounds=rounds, hyper=HYPER,
                 command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]))
     print(f"{meta['device']}: copy {copy_gbps:.1f} GB/s, in place {ceiling['in_place']:.1f} GB/s", flush=True)
 
     result = dict(meta=meta, copy_gbps=copy_gbps, in_place_gbps=ceiling["in_place"], sets=[])
     host_set = "2000x64x64" if "2000x64x64" in chosen else chosen[0]
-    make = methods(device)
+    make = methods(device, dtype)
     if args.methods:
         unknown = [m for m in args.methods if m not in make]
         if unknown:
@@ -393,16 +425,17 @@ def main(argv=None):
     for name in chosen:
         shapes = available[name]()
         numel = sum(math.prod(s) for s in shapes)
-        copies = max(1, math.ceil(2 * cache_bytes(device) / (numel * bytes_per_param * 3 / 5)))
+        copies = max(1, math.ceil(2 * cache_bytes(device) / (numel * per_param["FusedNAG"] * 3 / 5)))
         data = build_copies(shapes, device, dtype, copies)
-        runs = {m: make_optimizers(factory, data) for m, factory in make.items()}
+        runs = {m: make_optimizers(factory, data, own_state=m in modes) for m, factory in make.items()}
         samples = time_interleaved(runs, device, rounds, target_s, warmup=3)
         ours = statistics.median(samples["FusedNAG"])
         entry = dict(name=name, tensors=len(shapes), params=numel, copies=copies, methods={})
         for m, s in samples.items():
             sec = statistics.median(s)
-            gbps = numel * bytes_per_param / sec / 1e9
+            gbps = numel * per_param[m] / sec / 1e9
             entry["methods"][m] = dict(ms=sec * 1e3, gbps=gbps, pct_copy=100 * gbps / copy_gbps,
+                                       bytes_per_param=per_param[m], roofline_ms=numel * per_param[m] / copy_gbps / 1e6,
                                        vs_fusednag=sec / ours, samples=len(s),
                                        ms_p10=1e3 * statistics.quantiles(s, n=10)[0] if len(s) > 1 else sec * 1e3,
                                        ms_p90=1e3 * statistics.quantiles(s, n=10)[-1] if len(s) > 1 else sec * 1e3)

@@ -49,15 +49,29 @@ template <> struct Io<c10::BFloat16> {
 #define NAG_VECTOR_CLONES
 #endif
 
-template <bool kFirst, typename T, typename S = typename Io<T>::Storage, typename M = typename Io<T>::Math>
-NAG_VECTOR_CLONES void update_chunk(S* __restrict__ p, const S* __restrict__ g, S* __restrict__ b, int64_t n,
-                                    const Hyper<M>& h) {
+// One block's slice: p, grad and buf as stored, the float32 master weights (Mode::kMaster), and the random bits' key
+// and counter of its first element (Mode::kStochastic). The same loop for every kind, plain enough to vectorise.
+template <bool kFirst, Mode kMode, typename P, typename B, typename SP = typename Io<P>::Storage,
+          typename SB = typename Io<B>::Storage, typename M = typename Io<P>::Math>
+NAG_VECTOR_CLONES void update_chunk(SP* __restrict__ p, const SP* __restrict__ g, SB* __restrict__ b,
+                                    float* __restrict__ master, int64_t n, const Hyper<M>& h, uint64_t key,
+                                    int64_t begin) {
   for (int64_t i = 0; i < n; ++i) {
-    M pm = Io<T>::load(p[i]);
-    M bm = kFirst ? M(0) : Io<T>::load(b[i]);
-    nag_update<kFirst>(pm, Io<T>::load(g[i]), bm, h);
-    p[i] = Io<T>::store(pm);
-    b[i] = Io<T>::store(bm);
+    M pm;
+    if constexpr (kMode == Mode::kMaster) {
+      pm = master[i];
+    } else {
+      pm = Io<P>::load(p[i]);
+    }
+    M bm = kFirst ? M(0) : Io<B>::load(b[i]);
+    nag_update<kFirst>(pm, Io<P>::load(g[i]), bm, h);
+    if constexpr (kMode == Mode::kMaster) master[i] = pm;
+    if constexpr (kMode == Mode::kStochastic) {
+      p[i] = bfloat16_bits_stochastic(pm, static_cast<uint32_t>(derive_key(key, begin + i)));
+    } else {
+      p[i] = Io<P>::store(pm);
+    }
+    b[i] = Io<B>::store(bm);
   }
 }
 
@@ -102,27 +116,29 @@ void update_half(uint16_t* p, const uint16_t* g, uint16_t* b, int64_t n, const H
     half_to_float(p + i, pf, m);
     half_to_float(g + i, gf, m);
     if (!kFirst) half_to_float(b + i, bf, m);
-    update_chunk<kFirst, float>(pf, gf, bf, m, h);
+    update_chunk<kFirst, Mode::kPlain, float, float>(pf, gf, bf, nullptr, m, h, 0, 0);
     float_to_half(pf, p + i, m);
     float_to_half(bf, b + i, m);
   }
 }
 #endif
 
-template <bool kFirst, typename T, typename S, typename M>
-void update_block(S* p, const S* g, S* b, int64_t n, const Hyper<M>& h) {
+template <bool kFirst, Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
+void update_block(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
+                  int64_t begin) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<T, c10::Half>) {
+  if constexpr (std::is_same_v<P, c10::Half> && std::is_same_v<B, c10::Half> && kMode == Mode::kPlain) {
     if (has_f16c()) return update_half<kFirst>(p, g, b, n, h);
   }
 #endif
-  update_chunk<kFirst, T>(p, g, b, n, h);
+  update_chunk<kFirst, kMode, P, B>(p, g, b, master, n, h, key, begin);
 }
 
-template <typename T>
+template <typename P, typename B, Mode kMode>
 void run(const Group& group, const StepArgs& a) {
-  using S = typename Io<T>::Storage;
-  using M = typename Io<T>::Math;
+  using SP = typename Io<P>::Storage;
+  using SB = typename Io<B>::Storage;
+  using M = typename Io<P>::Math;
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
   const float inv_scale = a.inv_grad_scale != nullptr ? *a.inv_grad_scale : 1.0f;
   const double lr = a.lr_tensor == nullptr ? a.lr
@@ -130,7 +146,7 @@ void run(const Group& group, const StepArgs& a) {
                                             : *static_cast<const float*>(a.lr_tensor);
   const Hyper<M> h{M(lr), M(a.momentum), M(a.weight_decay), a.maximize};
   LaunchTable table;
-  for_each_table(group, table, [&](const LaunchTable& t) {
+  for_each_table(group, a, table, [&](const LaunchTable& t, uint64_t launch_key) {
     const int64_t blocks = t.block_start[t.size];
     int64_t elements = 0;
     for (int s = 0; s < t.size; ++s) elements += t.numel[s];
@@ -139,14 +155,18 @@ void run(const Group& group, const StepArgs& a) {
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const BlockWork w = block_work(t.block_start, t.numel, t.size, block);
-        S* p = static_cast<S*>(t.param[w.segment]) + w.begin;
-        S* g = static_cast<S*>(t.grad[w.segment]) + w.begin;
-        S* b = static_cast<S*>(t.buf[w.segment]) + w.begin;
-        if (a.inv_grad_scale != nullptr) unscale_chunk<T>(g, w.end - w.begin, inv_scale);
-        if (t.first[w.segment]) {
-          update_block<true, T>(p, g, b, w.end - w.begin, h);
+        const int seg = w.segment;
+        SP* p = static_cast<SP*>(t.param[seg]) + w.begin;
+        SP* g = static_cast<SP*>(t.grad[seg]) + w.begin;
+        SB* b = static_cast<SB*>(t.buf[seg]) + w.begin;
+        float* master = kMode == Mode::kMaster ? static_cast<float*>(t.master[seg]) + w.begin : nullptr;
+        const uint64_t key = kMode == Mode::kStochastic ? derive_key(launch_key, seg) : 0;
+        const int64_t n = w.end - w.begin;
+        if (a.inv_grad_scale != nullptr) unscale_chunk<P>(g, n, inv_scale);
+        if (t.first[seg]) {
+          update_block<true, kMode, P, B>(p, g, b, master, n, h, key, w.begin);
         } else {
-          update_block<false, T>(p, g, b, w.end - w.begin, h);
+          update_block<false, kMode, P, B>(p, g, b, master, n, h, key, w.begin);
         }
       }
     });
@@ -156,12 +176,10 @@ void run(const Group& group, const StepArgs& a) {
 }  // namespace
 
 void run_cpu(const Group& group, const StepArgs& args) {
-  switch (group.dtype) {
-    case Dtype::kFloat: return run<float>(group, args);
-    case Dtype::kDouble: return run<double>(group, args);
-    case Dtype::kHalf: return run<c10::Half>(group, args);
-    case Dtype::kBFloat16: return run<c10::BFloat16>(group, args);
-  }
+  const bool known = visit_kind<float, double, c10::Half, c10::BFloat16>(group.kind, [&](auto p, auto b, auto mode) {
+    run<typename decltype(p)::type, typename decltype(b)::type, decltype(mode)::value>(group, args);
+  });
+  TORCH_CHECK(known, "nag_cuda: no CPU kernel for this combination of dtypes and mode");
 }
 
 }  // namespace nag

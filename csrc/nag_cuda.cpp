@@ -13,8 +13,8 @@ void run_cuda(const Group& group, const StepArgs& args, c10::Device device) {
   const c10::DeviceGuard guard(device);
   void* stream = c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(device).native_handle();
   LaunchTable table;
-  for_each_table(group, table, [&](const LaunchTable& t) {
-    const char* err = cuda_launch(t, group.dtype, args, stream);
+  for_each_table(group, args, table, [&](const LaunchTable& t, uint64_t launch_key) {
+    const char* err = cuda_launch(t, group.kind, args, launch_key, stream);
     TORCH_CHECK(err == nullptr, "nag_cuda: CUDA kernel launch failed: ", err);
   });
 }

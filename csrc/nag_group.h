@@ -12,35 +12,42 @@
 
 namespace nag {
 
-// One (device, dtype) group: dense tensors of equal layout, ready for the kernels.
+// One (device, kind) group: dense tensors of equal layout, ready for the kernels.
 struct Group {
-  Dtype dtype = Dtype::kFloat;
-  int64_t element_size = 0;
+  Kind kind{Dtype::kFloat, Dtype::kFloat, Mode::kPlain};
+  int64_t param_size = 0;  // bytes per element of params (and grads) and of buffers
+  int64_t buf_size = 0;
   std::vector<void*> param;
-  std::vector<void*> grad;  // written only to unscale them for GradScaler
+  std::vector<void*> grad;    // written only to unscale them for GradScaler
   std::vector<void*> buf;
+  std::vector<void*> master;  // Mode::kMaster: float32 master weights, else empty
   std::vector<int64_t> numel;
   std::vector<uint8_t> first;
 };
 
-// Calls launch(table) for each launch of the group's schedule, with `table` filled for that launch.
+// Calls launch(table, launch_key) for each launch of the group's schedule, with `table` filled for that launch.
+// launch_key: the random bits' key of the launch, from the step's seed, the group's kind and the launch's index.
 template <typename Launch>
-void for_each_table(const Group& g, LaunchTable& table, Launch&& launch) {
+void for_each_table(const Group& g, const StepArgs& args, LaunchTable& table, Launch&& launch) {
   Segment segs[kMaxSegments];
+  const uint64_t kind_key = derive_key(args.sr_seed, static_cast<int64_t>(g.kind.param) * 4 +
+                                                         static_cast<int64_t>(g.kind.buf));
+  int64_t launch_index = 0;
   plan_launches(g.numel.data(), static_cast<int64_t>(g.numel.size()), kMaxSegments, kMaxBlocks, segs,
                 [&](const Segment* s, int64_t count, int64_t /*blocks*/) {
                   for (int64_t i = 0; i < count; ++i) {
                     const int64_t t = s[i].tensor;
-                    const int64_t bytes = s[i].offset * g.element_size;
-                    table.param[i] = static_cast<char*>(g.param[t]) + bytes;
-                    table.grad[i] = static_cast<char*>(g.grad[t]) + bytes;
-                    table.buf[i] = static_cast<char*>(g.buf[t]) + bytes;
+                    const int64_t offset = s[i].offset;
+                    table.param[i] = static_cast<char*>(g.param[t]) + offset * g.param_size;
+                    table.grad[i] = static_cast<char*>(g.grad[t]) + offset * g.param_size;
+                    table.buf[i] = static_cast<char*>(g.buf[t]) + offset * g.buf_size;
+                    table.master[i] = g.master.empty() ? nullptr : static_cast<float*>(g.master[t]) + offset;
                     table.numel[i] = s[i].numel;
                     table.first[i] = g.first[t];
                   }
                   fill_block_start(s, count, table.block_start);
                   table.size = static_cast<int32_t>(count);
-                  launch(table);
+                  launch(table, derive_key(kind_key, launch_index++));
                 });
 }
 

@@ -13,7 +13,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-static_assert(sizeof(LaunchTable) + sizeof(Hyper<double>) + 4 * sizeof(void*) <= 32764,
+static_assert(sizeof(LaunchTable) + sizeof(Hyper<double>) + 6 * sizeof(void*) <= 32764,
               "kernel arguments must fit CUDA's 32 KiB parameter limit (CUDA 12.1+, sm_70+)");
 static_assert(kChunk % 8 == 0, "a chunk must keep 16-byte alignment for every dtype");
 
@@ -32,53 +32,78 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(fl
 template <> __device__ __forceinline__ float from_math<float>(float x) { return x; }
 template <> __device__ __forceinline__ double from_math<double>(double x) { return x; }
 
-// 16 bytes of elements, loaded and stored with one vector instruction.
-template <typename T>
-struct alignas(16) Vec {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
-};
-
-__device__ __forceinline__ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-template <bool kFirst, typename T>
-__device__ __forceinline__ void update_one(T* p, const T* g, T* b, int64_t i, const Hyper<typename Math<T>::type>& h) {
-  using M = typename Math<T>::type;
-  M pm = to_math(p[i]);
-  M bm = kFirst ? M(0) : to_math(b[i]);
-  nag_update<kFirst>(pm, to_math(g[i]), bm, h);
-  p[i] = from_math<T>(pm);
-  b[i] = from_math<T>(bm);
+__device__ __forceinline__ __nv_bfloat16 stochastic_bfloat16(float x, uint32_t random) {
+  return __ushort_as_bfloat16(bfloat16_bits_stochastic(x, random));
 }
 
-// Elements [0, n) of one chunk: 16-byte vectors where all three pointers allow it, scalars for the rest.
-template <bool kFirst, typename T>
-__device__ __forceinline__ void update_chunk(T* p, const T* g, T* b, int64_t n, const Hyper<typename Math<T>::type>& h) {
-  using M = typename Math<T>::type;
-  using V = Vec<T>;
-  int64_t vec_end = 0;
-  if (aligned16(p) && aligned16(g) && aligned16(b)) {
-    vec_end = n - n % V::kSize;
-    for (int64_t i = int64_t(threadIdx.x) * V::kSize; i < vec_end; i += int64_t(kThreads) * V::kSize) {
-      V pv = *reinterpret_cast<const V*>(p + i);
-      const V gv = *reinterpret_cast<const V*>(g + i);
-      V bv;
-      if (!kFirst) bv = *reinterpret_cast<const V*>(b + i);
+// N elements of one tensor, loaded and stored with one instruction (16 bytes for the widest type of a kind).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ bool aligned(const T* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * N) == 0;
+}
+
+// The tensors one block updates, each at the block's first element. master is float32 and used in Mode::kMaster
+// only; key is the segment's random-bits key, used in Mode::kStochastic only.
+template <typename P, typename B>
+struct Slice {
+  P* p;
+  P* g;
+  B* b;
+  float* master;
+  uint64_t key;
+  int64_t begin;  // the block's first element within its segment: the random bits' counter
+};
+
+// Elements [i, i + N) of a slice: loaded, updated by nag_update (nag_math.h), rounded once and stored.
+template <bool kFirst, Mode kMode, int N, typename P, typename B, typename M>
+__device__ __forceinline__ void update_pack(const Slice<P, B>& s, int64_t i, const Hyper<M>& h) {
+  Pack<P, N> pv;
+  Pack<float, N> mv;
+  Pack<B, N> bv;
+  if (kMode == Mode::kMaster) {
+    mv = *reinterpret_cast<const Pack<float, N>*>(s.master + i);
+  } else {
+    pv = *reinterpret_cast<const Pack<P, N>*>(s.p + i);
+  }
+  const Pack<P, N> gv = *reinterpret_cast<const Pack<P, N>*>(s.g + i);
+  if (!kFirst) bv = *reinterpret_cast<const Pack<B, N>*>(s.b + i);
 #pragma unroll
-      for (int k = 0; k < V::kSize; ++k) {
-        M pm = to_math(pv.v[k]);
-        M bm = kFirst ? M(0) : to_math(bv.v[k]);
-        nag_update<kFirst>(pm, to_math(gv.v[k]), bm, h);
-        pv.v[k] = from_math<T>(pm);
-        bv.v[k] = from_math<T>(bm);
-      }
-      *reinterpret_cast<V*>(p + i) = pv;
-      *reinterpret_cast<V*>(b + i) = bv;
+  for (int k = 0; k < N; ++k) {
+    M pm = kMode == Mode::kMaster ? mv.v[k] : to_math(pv.v[k]);
+    M bm = kFirst ? M(0) : to_math(bv.v[k]);
+    nag_update<kFirst>(pm, to_math(gv.v[k]), bm, h);
+    if constexpr (kMode == Mode::kMaster) mv.v[k] = pm;
+    if constexpr (kMode == Mode::kStochastic) {
+      pv.v[k] = stochastic_bfloat16(pm, static_cast<uint32_t>(derive_key(s.key, s.begin + i + k)));
+    } else {
+      pv.v[k] = from_math<P>(pm);
+    }
+    bv.v[k] = from_math<B>(bm);
+  }
+  if (kMode == Mode::kMaster) *reinterpret_cast<Pack<float, N>*>(s.master + i) = mv;
+  *reinterpret_cast<Pack<P, N>*>(s.p + i) = pv;
+  *reinterpret_cast<Pack<B, N>*>(s.b + i) = bv;
+}
+
+// Elements [0, n) of one chunk: vectors where every pointer allows it, scalars for the rest.
+template <bool kFirst, Mode kMode, typename P, typename B, typename M>
+__device__ __forceinline__ void update_chunk(const Slice<P, B>& s, int64_t n, const Hyper<M>& h) {
+  constexpr size_t kWidest = sizeof(P) > sizeof(B) ? sizeof(P) : sizeof(B);
+  constexpr int N = 16 / (kMode == Mode::kMaster && kWidest < 4 ? 4 : kWidest);
+  int64_t vec_end = 0;
+  if (aligned<P, N>(s.p) && aligned<P, N>(s.g) && aligned<B, N>(s.b) &&
+      (kMode != Mode::kMaster || aligned<float, N>(s.master))) {
+    vec_end = n - n % N;
+    for (int64_t i = int64_t(threadIdx.x) * N; i < vec_end; i += int64_t(kThreads) * N) {
+      update_pack<kFirst, kMode, N>(s, i, h);
     }
   }
-  for (int64_t i = vec_end + threadIdx.x; i < n; i += kThreads) {
-    update_one<kFirst>(p, g, b, i, h);
-  }
+  for (int64_t i = vec_end + threadIdx.x; i < n; i += kThreads) update_pack<kFirst, kMode, 1>(s, i, h);
 }
 
 // GradScaler: the chunk's grads unscaled in place (rounded to their dtype, as torch.amp.GradScaler.unscale_ leaves
@@ -90,43 +115,46 @@ __device__ __forceinline__ void unscale_chunk(T* g, int64_t n, float inv_scale) 
 
 // NOTE: __grid_constant__ guarantees that blocks read the 32 KiB table where it is, in kernel-parameter memory,
 // with a dynamic index; a copy into each thread's local memory would cost more than the update itself.
-template <typename T, bool kScaled>
+template <typename P, typename B, Mode kMode, bool kScaled>
 __global__ void __launch_bounds__(kThreads)
-    nag_kernel(const __grid_constant__ LaunchTable table, Hyper<typename Math<T>::type> h,
-               const float* inv_grad_scale, const float* found_inf, const void* lr_tensor, bool lr_is_double) {
-  using M = typename Math<T>::type;
+    nag_kernel(const __grid_constant__ LaunchTable table, Hyper<typename Math<P>::type> h,
+               const float* inv_grad_scale, const float* found_inf, const void* lr_tensor, bool lr_is_double,
+               uint64_t launch_key) {
+  using M = typename Math<P>::type;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
   if (lr_tensor != nullptr) {  // as a float lr is converted: through double (exact for float32)
     h.lr = static_cast<M>(lr_is_double ? *static_cast<const double*>(lr_tensor)
                                        : static_cast<double>(*static_cast<const float*>(lr_tensor)));
   }
   const BlockWork w = block_work(table.block_start, table.numel, table.size, blockIdx.x);
-  const int64_t offset = w.begin;
-  T* p = static_cast<T*>(table.param[w.segment]) + offset;
-  T* g = static_cast<T*>(table.grad[w.segment]) + offset;
-  T* b = static_cast<T*>(table.buf[w.segment]) + offset;
+  const int seg = w.segment;
+  const Slice<P, B> s{static_cast<P*>(table.param[seg]) + w.begin, static_cast<P*>(table.grad[seg]) + w.begin,
+                      static_cast<B*>(table.buf[seg]) + w.begin,
+                      kMode == Mode::kMaster ? static_cast<float*>(table.master[seg]) + w.begin : nullptr,
+                      kMode == Mode::kStochastic ? derive_key(launch_key, seg) : 0, w.begin};
+  const int64_t n = w.end - w.begin;
   if (kScaled) {
-    unscale_chunk(g, w.end - w.begin, *inv_grad_scale);
+    unscale_chunk(s.g, n, *inv_grad_scale);
     __syncthreads();  // the update below reads grads that other threads of the block unscaled
   }
-  if (table.first[w.segment]) {
-    update_chunk<true>(p, g, b, w.end - w.begin, h);
+  if (table.first[seg]) {
+    update_chunk<true, kMode>(s, n, h);
   } else {
-    update_chunk<false>(p, g, b, w.end - w.begin, h);
+    update_chunk<false, kMode>(s, n, h);
   }
 }
 
-template <typename T>
-const char* launch(const LaunchTable& table, const StepArgs& a, cudaStream_t stream) {
-  using M = typename Math<T>::type;
+template <typename P, typename B, Mode kMode>
+const char* launch(const LaunchTable& table, const StepArgs& a, uint64_t launch_key, cudaStream_t stream) {
+  using M = typename Math<P>::type;
   const Hyper<M> h{M(a.lr), M(a.momentum), M(a.weight_decay), a.maximize};
   const unsigned blocks = static_cast<unsigned>(table.block_start[table.size]);
   if (a.inv_grad_scale != nullptr) {
-    nag_kernel<T, true><<<blocks, kThreads, 0, stream>>>(table, h, a.inv_grad_scale, a.found_inf, a.lr_tensor,
-                                                         a.lr_tensor_is_double);
+    nag_kernel<P, B, kMode, true><<<blocks, kThreads, 0, stream>>>(table, h, a.inv_grad_scale, a.found_inf,
+                                                                   a.lr_tensor, a.lr_tensor_is_double, launch_key);
   } else {
-    nag_kernel<T, false><<<blocks, kThreads, 0, stream>>>(table, h, nullptr, a.found_inf, a.lr_tensor,
-                                                          a.lr_tensor_is_double);
+    nag_kernel<P, B, kMode, false><<<blocks, kThreads, 0, stream>>>(table, h, nullptr, a.found_inf, a.lr_tensor,
+                                                                    a.lr_tensor_is_double, launch_key);
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -134,16 +162,15 @@ const char* launch(const LaunchTable& table, const StepArgs& a, cudaStream_t str
 
 }  // namespace
 
-const char* cuda_launch(const LaunchTable& table, Dtype dtype, const StepArgs& args, void* stream) {
+const char* cuda_launch(const LaunchTable& table, const Kind& kind, const StepArgs& args, uint64_t launch_key,
+                        void* stream) {
   if (table.size == 0) return nullptr;
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case Dtype::kFloat: return launch<float>(table, args, s);
-    case Dtype::kDouble: return launch<double>(table, args, s);
-    case Dtype::kHalf: return launch<__half>(table, args, s);
-    case Dtype::kBFloat16: return launch<__nv_bfloat16>(table, args, s);
-  }
-  return "nag_cuda: unknown dtype";
+  const char* err = nullptr;
+  const bool known = visit_kind<float, double, __half, __nv_bfloat16>(kind, [&](auto p, auto b, auto mode) {
+    err = launch<typename decltype(p)::type, typename decltype(b)::type, decltype(mode)::value>(
+        table, args, launch_key, static_cast<cudaStream_t>(stream));
+  });
+  return known ? err : "nag_cuda: no kernel for this combination of dtypes and mode";
 }
 
 #define NAG_STRINGIFY_(...) #__VA_ARGS__

@@ -19,6 +19,8 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #if defined(__CUDACC__)
 #define NAG_HOST_DEVICE __host__ __device__ __forceinline__
@@ -52,6 +54,37 @@ NAG_HOST_DEVICE void nag_update(T& p, T grad, T& buf, const Hyper<T>& h) {
   buf = kFirst ? g : h.momentum * buf + g;
   g = fused_mul_add(h.momentum, buf, g);
   p = fused_mul_add(-h.lr, g, p);
+}
+
+// Stochastic rounding of the float32 result to bfloat16 (FusedNAG(stochastic_rounding=True)): round up with
+// probability (x - down) / (up - down), so that the rounded update is unbiased and small updates accumulate in
+// expectation instead of vanishing. Adding 16 random bits below bfloat16's last bit and truncating does exactly
+// that, in magnitude, so it is symmetric in sign. Infinities stay; NaN becomes a quiet NaN, never infinity.
+NAG_HOST_DEVICE uint16_t bfloat16_bits_stochastic(float x, uint32_t random) {
+  uint32_t u;
+#if defined(__CUDA_ARCH__)
+  u = __float_as_uint(x);
+#else
+  memcpy(&u, &x, sizeof(u));
+#endif
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  if ((u & 0x7f800000u) == 0x7f800000u) return static_cast<uint16_t>(u >> 16);
+  return static_cast<uint16_t>((u + (random & 0xffffu)) >> 16);
+}
+
+// The random bits: a counter-based hash, so that the CPU and CUDA kernels draw the same bits for the same element
+// with no generator state. splitmix64's finaliser (a bijection of 64 bits); keys differ per step and launch
+// (host), segment and element (kernels).
+constexpr uint64_t kGoldenGamma = 0x9e3779b97f4a7c15ull;
+
+NAG_HOST_DEVICE uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+NAG_HOST_DEVICE uint64_t derive_key(uint64_t key, int64_t index) {
+  return mix64(key + static_cast<uint64_t>(index + 1) * kGoldenGamma);
 }
 
 }  // namespace nag

@@ -38,21 +38,49 @@ Dtype to_dtype(at::ScalarType t, size_t i) {
   }
 }
 
-void check_tensor(const at::Tensor& t, const char* name, size_t i, const at::Tensor& param) {
+// dtype: the dtype `t` must have (a momentum buffer's may differ from its param's, see kind_of).
+void check_tensor(const at::Tensor& t, const char* name, size_t i, const at::Tensor& param, at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), "nag_step_: ", name, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, "nag_step_: ", name, "[", i, "] has layout ", t.layout(),
               "; sparse gradients are not supported");
   TORCH_CHECK(t.device() == param.device(), "nag_step_: ", name, "[", i, "] is on ", t.device(), ", params[", i,
               "] on ", param.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "nag_step_: ", name, "[", i, "] has dtype ", t.scalar_type(),
-              ", params[", i, "] has ", param.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, "nag_step_: ", name, "[", i, "] has dtype ", t.scalar_type(), ", expected ",
+              dtype, " (params[", i, "] has ", param.scalar_type(), ")");
   TORCH_CHECK(t.sizes() == param.sizes(), "nag_step_: ", name, "[", i, "] has shape ", t.sizes(), ", params[", i,
               "] has ", param.sizes());
 }
 
-// The kernels walk memory linearly, so p, grad and buf must be dense with equal strides.
-bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tensor& b) {
-  return p.is_non_overlapping_and_dense() && p.strides() == g.strides() && p.strides() == b.strides();
+const char* mode_name(Mode mode) {
+  switch (mode) {
+    case Mode::kPlain: return "";
+    case Mode::kMaster: return " with master_params";
+    case Mode::kStochastic: return " with stochastic rounding (sr_seed)";
+  }
+  return "";
+}
+
+// The kernel that updates params[i] with momentum_buffers[i] (see visit_kind in nag_launch.h for the list).
+Kind kind_of(const at::Tensor& p, const at::Tensor& b, Mode mode, size_t i) {
+  TORCH_CHECK(p.is_complex() == b.is_complex() && (!p.is_complex() || b.scalar_type() == p.scalar_type()),
+              "nag_step_: momentum_buffers[", i, "] has dtype ", b.scalar_type(), ", params[", i, "] has ",
+              p.scalar_type());
+  TORCH_CHECK(!p.is_complex() || mode == Mode::kPlain, "nag_step_: params[", i, "] is complex (", p.scalar_type(),
+              "), which has no kernel", mode_name(mode));
+  const Kind kind{to_dtype(p.scalar_type(), i), to_dtype(b.scalar_type(), i), mode};
+  const bool known = visit_kind<int, int, int, int>(kind, [](auto, auto, auto) {});
+  TORCH_CHECK(known, "nag_step_: no kernel for params[", i,
+              "] of dtype ", p.scalar_type(), " with momentum_buffers[", i, "] of dtype ", b.scalar_type(),
+              mode_name(mode), ". Supported: buffers of the param's dtype, float32 buffers for float16/bfloat16 "
+              "params, bfloat16 buffers for float32 params; master_params for float16/bfloat16 params (buffers "
+              "float32 or the param's dtype); stochastic rounding for bfloat16 params");
+  return kind;
+}
+
+// The kernels walk memory linearly, so p, grad, buf (and master) must be dense with equal strides.
+bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tensor& b, const at::Tensor* master) {
+  return p.is_non_overlapping_and_dense() && p.strides() == g.strides() && p.strides() == b.strides() &&
+         (master == nullptr || p.strides() == master->strides());
 }
 
 // GradScaler's grad_scale / found_inf: a float32 scalar on the params' device, read by the kernel there.
@@ -65,10 +93,16 @@ void check_amp_tensor(const std::optional<at::Tensor>& t, const char* name, c10:
 
 // Checks everything nag_step_ needs, so that a caller can check all its calls before making the first one.
 void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::TensorList>& master_params, bool stochastic) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && bufs.size() == n, "nag_step_: params, grads and momentum_buffers must have equal "
               "lengths, got ", n, ", ", grads.size(), " and ", bufs.size());
+  TORCH_CHECK(!master_params.has_value() || master_params->size() == n, "nag_step_: params and master_params must "
+              "have equal lengths, got ", n, " and ", master_params.has_value() ? master_params->size() : 0);
+  TORCH_CHECK(!(master_params.has_value() && stochastic), "nag_step_: master_params and sr_seed exclude each other: "
+              "with master weights the float32 master is updated and the param is its rounding to nearest");
+  const Mode mode = master_params.has_value() ? Mode::kMaster : stochastic ? Mode::kStochastic : Mode::kPlain;
   if (n == 0) return;
   const c10::Device device = params[0].device();
   check_amp_tensor(grad_scale, "grad_scale", device);
@@ -78,12 +112,17 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
     TORCH_CHECK(params[i].device() == device, "nag_step_: params[", i, "] is on ", params[i].device(),
                 ", params[0] on ", device, "; call once per device");
     to_dtype(params[i].scalar_type(), i);
-    check_tensor(params[i], "params", i, params[i]);
-    check_tensor(grads[i], "grads", i, params[i]);
-    check_tensor(bufs[i], "momentum_buffers", i, params[i]);
+    check_tensor(params[i], "params", i, params[i], params[i].scalar_type());
+    check_tensor(grads[i], "grads", i, params[i], params[i].scalar_type());
+    TORCH_CHECK(bufs[i].defined(), "nag_step_: momentum_buffers[", i, "] is undefined");
+    check_tensor(bufs[i], "momentum_buffers", i, params[i], bufs[i].scalar_type());
+    kind_of(params[i], bufs[i], mode, i);  // the buffer's dtype
+    if (master_params.has_value()) check_tensor((*master_params)[i], "master_params", i, params[i], at::kFloat);
     TORCH_CHECK(at::has_internal_overlap(params[i]) != at::MemOverlap::Yes &&
-                    at::has_internal_overlap(bufs[i]) != at::MemOverlap::Yes,
-                "nag_step_: params[", i, "] or momentum_buffers[", i, "] has overlapping memory (e.g. expand())");
+                    at::has_internal_overlap(bufs[i]) != at::MemOverlap::Yes &&
+                    (!master_params.has_value() || at::has_internal_overlap((*master_params)[i]) != at::MemOverlap::Yes),
+                "nag_step_: params[", i, "], momentum_buffers[", i, "] or master_params[", i, "] has overlapping "
+                "memory (e.g. expand())");
     TORCH_CHECK(!grad_scale.has_value() || at::has_internal_overlap(grads[i]) != at::MemOverlap::Yes,
                 "nag_step_: grads[", i, "] has overlapping memory, and grad_scale means it is unscaled in place");
   }
@@ -93,11 +132,13 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
 // tensor lr needs no host synchronisation and can be captured in a CUDA graph.
 void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
                double lr, const at::Tensor* lr_tensor, double momentum, double weight_decay, bool maximize,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
   const size_t n = params.size();
   TORCH_CHECK(is_first.size() == n, "nag_step_: params and is_first must have equal lengths, got ", n, " and ",
               is_first.size());
-  check_step(params, grads, bufs, grad_scale, found_inf);  // everything is checked before anything is written
+  // everything is checked before anything is written
+  check_step(params, grads, bufs, grad_scale, found_inf, master_params, sr_seed.has_value());
   if (n == 0) return;
   const c10::Device device = params[0].device();
   if (lr_tensor != nullptr) {
@@ -107,34 +148,40 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                 " of shape ", lr_tensor->sizes());
     TORCH_CHECK(lr_tensor->device() == device, "nag_step_: lr is on ", lr_tensor->device(), ", params on ", device);
   }
+  const Mode mode = master_params.has_value() ? Mode::kMaster : sr_seed.has_value() ? Mode::kStochastic : Mode::kPlain;
 
   // Tensors the kernel cannot walk linearly are updated through contiguous copies, written back afterwards.
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   std::vector<at::Tensor> keep_alive;
-  std::array<Group, 4> groups;
+  std::array<Group, 16> groups;  // one per (param dtype, buffer dtype)
   for (size_t i = 0; i < n; ++i) {
     if (params[i].numel() == 0) continue;
     const bool complex = params[i].is_complex();
     at::Tensor p = complex ? at::view_as_real(params[i]) : params[i];
     at::Tensor g = complex ? at::view_as_real(grads[i]) : grads[i];
     at::Tensor b = complex ? at::view_as_real(bufs[i]) : bufs[i];
-    if (!same_dense_layout(p, g, b)) {
-      const at::Tensor p_orig = p, g_orig = g, b_orig = b;
+    at::Tensor m = master_params.has_value() ? (*master_params)[i] : at::Tensor();
+    if (!same_dense_layout(p, g, b, m.defined() ? &m : nullptr)) {
+      const at::Tensor p_orig = p, g_orig = g, b_orig = b, m_orig = m;
       p = p.contiguous();
       g = g.contiguous();
       b = b.contiguous();
+      if (m.defined()) m = m.contiguous();
       if (!p.is_same(p_orig)) write_back.emplace_back(p_orig, p);
       if (!b.is_same(b_orig)) write_back.emplace_back(b_orig, b);
+      if (m.defined() && !m.is_same(m_orig)) write_back.emplace_back(m_orig, m);
       if (grad_scale.has_value() && !g.is_same(g_orig)) write_back.emplace_back(g_orig, g);
       keep_alive.push_back(g);
     }
-    const Dtype dtype = to_dtype(p.scalar_type(), i);
-    Group& group = groups[static_cast<int>(dtype)];
-    group.dtype = dtype;
-    group.element_size = p.element_size();
+    const Kind kind = kind_of(p, b, mode, i);
+    Group& group = groups[static_cast<int>(kind.param) * 4 + static_cast<int>(kind.buf)];
+    group.kind = kind;
+    group.param_size = p.element_size();
+    group.buf_size = b.element_size();
     group.param.push_back(p.data_ptr());
     group.grad.push_back(g.data_ptr());
     group.buf.push_back(b.data_ptr());
+    if (m.defined()) group.master.push_back(m.data_ptr());
     group.numel.push_back(p.numel());
     group.first.push_back(is_first.get(i) ? 1 : 0);
   }
@@ -146,7 +193,8 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                       inv_grad_scale.defined() ? inv_grad_scale.const_data_ptr<float>() : nullptr,
                       found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr,
                       lr_tensor != nullptr ? lr_tensor->const_data_ptr() : nullptr,
-                      lr_tensor != nullptr && lr_tensor->scalar_type() == at::kDouble};
+                      lr_tensor != nullptr && lr_tensor->scalar_type() == at::kDouble,
+                      static_cast<uint64_t>(sr_seed.value_or(0))};
   for (const Group& group : groups) {
     if (group.numel.empty()) continue;
     if (device.is_cpu()) {
@@ -164,15 +212,19 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
 
 void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
               double lr, double momentum, double weight_decay, bool maximize,
-              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  step_impl(params, grads, bufs, is_first, lr, nullptr, momentum, weight_decay, maximize, grad_scale, found_inf);
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
+  step_impl(params, grads, bufs, is_first, lr, nullptr, momentum, weight_decay, maximize, grad_scale, found_inf,
+            master_params, sr_seed);
 }
 
 void nag_step_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                         const c10::List<bool>& is_first, const at::Tensor& lr, double momentum, double weight_decay,
                         bool maximize, const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
-  step_impl(params, grads, bufs, is_first, 0.0, &lr, momentum, weight_decay, maximize, grad_scale, found_inf);
+                        const std::optional<at::Tensor>& found_inf,
+                        const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
+  step_impl(params, grads, bufs, is_first, 0.0, &lr, momentum, weight_decay, maximize, grad_scale, found_inf,
+            master_params, sr_seed);
 }
 
 // Test hook: the schedule as the kernels see it. One row per block: (launch, block, tensor, begin, end), where
@@ -221,13 +273,13 @@ TORCH_LIBRARY(nag_cuda, m) {
   m.def(
       "nag_step_(Tensor(a!)[] params, Tensor(c!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
       "float lr, float momentum, float weight_decay, bool maximize, *, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor(d!)[]? master_params=None, int? sr_seed=None) -> ()");
   m.def(
       "nag_step_.tensor_lr(Tensor(a!)[] params, Tensor(c!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
       "Tensor lr, float momentum, float weight_decay, bool maximize, *, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor(d!)[]? master_params=None, int? sr_seed=None) -> ()");
   m.def("_check_step(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor? grad_scale=None, "
-        "Tensor? found_inf=None) -> ()", &nag::check_step);
+        "Tensor? found_inf=None, Tensor[]? master_params=None, bool stochastic=False) -> ()", &nag::check_step);
   m.def("_plan(int[] numels, int max_segments, int max_blocks) -> Tensor", &nag::plan);
   m.def("_build_info() -> str", &nag::build_info);
 }

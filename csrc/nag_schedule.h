@@ -21,8 +21,8 @@ namespace nag {
 constexpr int64_t kChunk = 16384;
 
 // NOTE: CUDA 12.1+ on sm_70+ allows 32 KiB of kernel arguments; this fills most of it (see the static_assert in
-// nag_kernel.cu), so one launch covers up to 800 tensors where torch's fused SGD covers 336.
-constexpr int kMaxSegments = 800;
+// nag_kernel.cu), so one launch covers up to 640 tensors where torch's fused SGD covers 336.
+constexpr int kMaxSegments = 640;
 
 // Blocks in one launch: gridDim.x allows 2^31 - 1; block_start is int32.
 constexpr int64_t kMaxBlocks = 2147483647;
@@ -31,6 +31,7 @@ struct LaunchTable {
   void* param[kMaxSegments];
   void* grad[kMaxSegments];  // written only to unscale them for GradScaler
   void* buf[kMaxSegments];
+  void* master[kMaxSegments];  // float32 master weights (master_weights=True), else unused
   int64_t numel[kMaxSegments];
   int32_t block_start[kMaxSegments + 1];  // segment s owns blocks [block_start[s], block_start[s + 1])
   uint8_t first[kMaxSegments];            // 1: the parameter's first step, its buffer is written, never read

@@ -35,8 +35,8 @@ ops = torch.ops.nag_cuda
 @torch.library.register_fake("nag_cuda::nag_step_")
 @torch.library.register_fake("nag_cuda::nag_step_.tensor_lr")
 def _nag_step_fake(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize, *,
-                   grad_scale=None, found_inf=None):
-    # In-place on params, momentum_buffers (and grads, when unscaling), returns nothing: no output to describe.
+                   grad_scale=None, found_inf=None, master_params=None, sr_seed=None):
+    # In place on params, momentum_buffers, master_params (and grads, when unscaling): no output to describe.
     return None
 
 

@@ -2,29 +2,44 @@
 
 Same arguments as torch.ops.nag_cuda.nag_step_. Math in float32 (float64 for float64 tensors) with torch's roundings
 (see csrc/nag_math.h), rounded to the tensor dtype once when p and buf are stored, as the kernels do.
+Stochastic rounding draws its random bits from torch's generator seeded with sr_seed, so it is unbiased like the
+kernels' but not bit-identical to them.
 """
 
 import torch
 
 
+def stochastic_round_to_bfloat16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """float32 -> bfloat16, rounding up with probability equal to the distance from the value below (unbiased)."""
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32).to(x.device)
+    bits = (x.view(torch.int32) + noise) & -65536  # add 16 random low bits, then truncate them
+    return torch.where(x.isfinite(), bits.view(torch.float32), x).to(torch.bfloat16)
+
+
 def nag_step_reference(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize, *,
-                       grad_scale=None, found_inf=None):
+                       grad_scale=None, found_inf=None, master_params=None, sr_seed=None):
     if found_inf is not None and found_inf.item() != 0:  # a host sync, acceptable in this fallback
         return
     inv_scale = grad_scale.reciprocal() if grad_scale is not None else None
-    for p, grad, buf, first in zip(params, grads, momentum_buffers, is_first, strict=True):
-        if inv_scale is not None:
-            grad.mul_(inv_scale)  # as torch.amp.GradScaler.unscale_ does
+    generator = torch.Generator().manual_seed(sr_seed) if sr_seed is not None else None
+    masters = master_params if master_params is not None else [None] * len(params)
+    for p, grad, buf, master, first in zip(params, grads, momentum_buffers, masters, is_first, strict=True):
         if p.is_complex():  # updated as (real, imaginary) pairs, as the kernels do
             p, grad, buf = torch.view_as_real(p), torch.view_as_real(grad), torch.view_as_real(buf)
         math = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if inv_scale is not None:  # as torch.amp.GradScaler.unscale_ does: in float, rounded to the grad's dtype
+            grad.copy_(grad.to(math) * inv_scale)
         g = grad.to(math)
         if maximize:
             g = -g
+        p_math = master if master is not None else p.to(math)
         # The roundings of torch's per-tensor SGD: add(..., alpha=x) is one fused multiply-add.
         if weight_decay != 0:
-            g = g.add(p.to(math), alpha=weight_decay)
+            g = g.add(p_math, alpha=weight_decay)
         b = g if first else buf.to(math).mul(momentum).add(g)
         g = g.add(b, alpha=momentum)
-        p.copy_(p.to(math).add(g, alpha=-lr))
+        p_new = p_math.add(g, alpha=-lr)
+        if master is not None:
+            master.copy_(p_new)
+        p.copy_(stochastic_round_to_bfloat16(p_new, generator) if generator is not None else p_new)
         buf.copy_(b)

@@ -10,13 +10,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_step  # noqa: E402
+import precision_modes  # noqa: E402
 
 
 def test_bench_step_quick_runs_and_writes_results(tmp_path):
     result = bench_step.main(["--quick", "--device", "cpu", "--sets", "1x16M", "--rounds", "1", "--out", str(tmp_path)])
     (entry,) = result["sets"]
     assert entry["params"] == 2**24
-    assert set(entry["methods"]) == {"FusedNAG", "torch fused", "torch foreach", "torch for-loop"}
+    assert set(entry["methods"]) == {"FusedNAG", "torch fused", "torch foreach", "torch for-loop",
+                                     "FusedNAG bf16 momentum"}
+    assert entry["methods"]["FusedNAG"]["bytes_per_param"] == 20
+    assert entry["methods"]["FusedNAG bf16 momentum"]["bytes_per_param"] == 16
     assert entry["methods"]["FusedNAG"]["vs_fusednag"] == 1.0
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in entry["methods"].values())
     assert set(result["host_overhead_us"]) == {"FusedNAG", "torch fused"}
@@ -32,3 +36,20 @@ def test_bench_step_quick_runs_and_writes_results(tmp_path):
 def test_bench_step_rejects_unknown_set():
     with pytest.raises(SystemExit):
         bench_step.main(["--quick", "--sets", "no-such-set"])
+
+
+def test_bench_step_times_each_bfloat16_mode_with_its_bytes(tmp_path):
+    modes = ["FusedNAG fp32 momentum", "FusedNAG master weights", "FusedNAG stochastic rounding"]
+    result = bench_step.main(["--quick", "--device", "cpu", "--dtype", "bfloat16", "--sets", "1x16M", "--rounds", "1",
+                              "--methods", *modes, "--out", str(tmp_path), "--no-plot"])
+    methods = result["sets"][0]["methods"]
+    assert {m: r["bytes_per_param"] for m, r in methods.items()} == {
+        "FusedNAG": 10, "FusedNAG fp32 momentum": 14, "FusedNAG master weights": 20, "FusedNAG stochastic rounding": 10}
+    assert all(r["ms"] > 0 and r["roofline_ms"] > 0 for r in methods.values())
+
+
+def test_precision_modes_runs_and_writes_results(tmp_path):
+    result = precision_modes.main(["--steps", "20", "--eval-every", "10", "--seeds", "1", "--out", str(tmp_path)])
+    assert set(result["summary"]) == set(precision_modes.MODES)
+    assert result["summary"]["float32"]["vs_float32"] == 1.0
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}

@@ -159,7 +159,8 @@ def test_add_param_group_and_params_without_grad():
 def test_repr_and_defaults():
     opt = FusedNAG([torch.zeros(1, requires_grad=True)])
     assert opt.defaults == dict(lr=1e-3, momentum=0.9, weight_decay=0.0, maximize=False, nesterov=True, dampening=0,
-                                capturable=False)
+                                capturable=False, momentum_dtype=None, master_weights=False,
+                                stochastic_rounding=False, sr_seed=None)
     assert "FusedNAG" in repr(opt)
 
 

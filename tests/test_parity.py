@@ -91,7 +91,7 @@ def test_low_precision_rounds_once(device, dtype):
 
 
 def test_many_tensors_and_several_launches(device):
-    # 1000 tensors: more than one launch holds (800 segments), with empty ones between and last.
+    # 1000 tensors: more than one launch holds (640 segments), with empty ones between and last.
     gen = torch.Generator().manual_seed(3)
     shapes = [(int(n),) for n in torch.randint(0, 300, (999,), generator=gen)] + [(0,)]
     ours, theirs, opt_ours, opt_theirs = run_both(shapes, torch.float32, device, steps=3, lr=0.1, weight_decay=1e-3)

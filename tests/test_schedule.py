@@ -10,7 +10,7 @@ import torch
 import nag_cuda  # noqa: F401  (registers torch.ops.nag_cuda)
 
 CHUNK = 16384
-MAX_SEGMENTS = 800
+MAX_SEGMENTS = 640
 MAX_BLOCKS = 2**31 - 1
 
 
