@@ -21,7 +21,9 @@ exec > >(tee -a "$out/gpu_check.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 # build/ is kept between calls on a warm machine, so a second stage rebuilds only what changed.
 if [ "${NAG_SKIP_INSTALL:-0}" != 1 ]; then
-  NAG_CUDA_BUILD=1 python -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 3
+  # The lent machines set CC/CXX to a toolchain (/opt/gcc) whose C++ runtime is not the one torch runs with: any
+  # extension built with it segfaults as soon as an error message formats a number. The system compiler is fine.
+  env -u CC -u CXX NAG_CUDA_BUILD=1 python -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 3
 fi
 (cd /tmp && python -m nag_cuda)
 

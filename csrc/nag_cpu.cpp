@@ -1,6 +1,7 @@
 // The CPU kernel: runs the same schedule as the CUDA kernel, one parallel task per range of blocks, and the same
 // per-element math (nag_math.h). The inner loop is plain enough for the compiler to vectorise.
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include <ATen/Parallel.h>
@@ -38,7 +39,14 @@ template <> struct Io<c10::BFloat16> {
   using Storage = uint16_t;
   using Math = float;
   static float load(uint16_t v) { return c10::detail::f32_from_bits(v); }
-  static uint16_t store(float v) { return c10::detail::round_to_nearest_even(v); }
+  // c10::detail::round_to_nearest_even's arithmetic, with its NaN test as a select rather than an early return:
+  // gcc vectorises this, not that.
+  static uint16_t store(float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint16_t rounded = static_cast<uint16_t>((u + ((u >> 16) & 1u) + 0x7fffu) >> 16);
+    return v != v ? uint16_t{0x7fc0} : rounded;
+  }
 };
 
 // One x86-64 build uses the widest vectors the CPU has: gcc emits a clone of the loop per target and picks one at
@@ -49,13 +57,14 @@ template <> struct Io<c10::BFloat16> {
 #define NAG_VECTOR_CLONES
 #endif
 
-// One block's slice: p, grad and buf as stored, the float32 master weights (Mode::kMaster), and the random bits' key
-// and counter of its first element (Mode::kStochastic). The same loop for every kind, plain enough to vectorise.
-template <bool kFirst, Mode kMode, typename P, typename B, typename SP = typename Io<P>::Storage,
+// One block's slice: p, grad and buf as stored, the float32 master weights (Mode::kMaster) or each element's random
+// bits (Mode::kStochastic). The same loop for every kind, plain enough to vectorise.
+template <bool kFirst, bool kDecay, Mode kMode, typename P, typename B, typename SP = typename Io<P>::Storage,
           typename SB = typename Io<B>::Storage, typename M = typename Io<P>::Math>
 NAG_VECTOR_CLONES void update_chunk(SP* __restrict__ p, const SP* __restrict__ g, SB* __restrict__ b,
-                                    float* __restrict__ master, int64_t n, const Hyper<M>& h, uint64_t key,
-                                    int64_t begin) {
+                                    float* __restrict__ master, int64_t n, const Hyper<M>& h,
+                                    const uint32_t* __restrict__ random) {
+  const Hyper<M> hyper = h;  // a local copy: provably unchanged by the stores, so the loop stays branch-free
   for (int64_t i = 0; i < n; ++i) {
     M pm;
     if constexpr (kMode == Mode::kMaster) {
@@ -64,15 +73,20 @@ NAG_VECTOR_CLONES void update_chunk(SP* __restrict__ p, const SP* __restrict__ g
       pm = Io<P>::load(p[i]);
     }
     M bm = kFirst ? M(0) : Io<B>::load(b[i]);
-    nag_update<kFirst>(pm, Io<P>::load(g[i]), bm, h);
+    nag_update<kFirst, kDecay>(pm, Io<P>::load(g[i]), bm, hyper);
     if constexpr (kMode == Mode::kMaster) master[i] = pm;
     if constexpr (kMode == Mode::kStochastic) {
-      p[i] = bfloat16_bits_stochastic(pm, static_cast<uint32_t>(derive_key(key, begin + i)));
+      p[i] = bfloat16_bits_stochastic(pm, random[i]);
     } else {
       p[i] = Io<P>::store(pm);
     }
     b[i] = Io<B>::store(bm);
   }
+}
+
+// Stochastic rounding: the random bits of elements [first, first + n) of a segment (see derive_key).
+NAG_VECTOR_CLONES void random_bits(uint32_t* __restrict__ out, int64_t n, uint64_t key, int64_t first) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(derive_key(key, first + i));
 }
 
 // GradScaler: grads unscaled in place, one block at a time (the block is then still in cache for the update).
@@ -106,32 +120,64 @@ bool has_f16c() {
 }
 
 // float16 in L1-sized tiles: convert to float, run the (vectorised) float loop, convert back. Same bits as the
-// scalar conversions, several times faster.
-template <bool kFirst>
-void update_half(uint16_t* p, const uint16_t* g, uint16_t* b, int64_t n, const Hyper<float>& h) {
+// scalar conversions, several times faster. Buffers may be float16 or float32 (momentum_dtype), and with master
+// weights the params are only written.
+template <bool kFirst, bool kDecay, Mode kMode, typename SB>
+void update_half(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n, const Hyper<float>& h) {
+  constexpr bool kHalfBuffer = std::is_same_v<SB, uint16_t>;
   constexpr int64_t kTile = 1024;
   float pf[kTile], gf[kTile], bf[kTile];
   for (int64_t i = 0; i < n; i += kTile) {
     const int64_t m = std::min(kTile, n - i);
-    half_to_float(p + i, pf, m);
+    if (kMode != Mode::kMaster) half_to_float(p + i, pf, m);
     half_to_float(g + i, gf, m);
-    if (!kFirst) half_to_float(b + i, bf, m);
-    update_chunk<kFirst, Mode::kPlain, float, float>(pf, gf, bf, nullptr, m, h, 0, 0);
+    float* buf = bf;
+    if constexpr (kHalfBuffer) {
+      if (!kFirst) half_to_float(b + i, bf, m);
+    } else {
+      buf = b + i;
+    }
+    update_chunk<kFirst, kDecay, kMode, float, float>(pf, gf, buf, kMode == Mode::kMaster ? master + i : nullptr, m, h,
+                                                      nullptr);
     float_to_half(pf, p + i, m);
-    float_to_half(bf, b + i, m);
+    if constexpr (kHalfBuffer) float_to_half(bf, b + i, m);
   }
 }
 #endif
 
-template <bool kFirst, Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
+template <bool kFirst, bool kDecay, Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
 void update_block(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
                   int64_t begin) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<P, c10::Half> && std::is_same_v<B, c10::Half> && kMode == Mode::kPlain) {
-    if (has_f16c()) return update_half<kFirst>(p, g, b, n, h);
+  if constexpr (std::is_same_v<P, c10::Half>) {
+    if (has_f16c()) return update_half<kFirst, kDecay, kMode>(p, g, b, master, n, h);
   }
 #endif
-  update_chunk<kFirst, kMode, P, B>(p, g, b, master, n, h, key, begin);
+  if constexpr (kMode == Mode::kStochastic) {  // the random bits a tile at a time: the hash vectorises on its own,
+    constexpr int64_t kTile = 1024;           // not inside the update loop
+    uint32_t random[kTile];
+    for (int64_t i = 0; i < n; i += kTile) {
+      const int64_t m = std::min(kTile, n - i);
+      random_bits(random, m, key, begin + i);
+      update_chunk<kFirst, kDecay, kMode, P, B>(p + i, g + i, b + i, nullptr, m, h, random);
+    }
+  } else {
+    update_chunk<kFirst, kDecay, kMode, P, B>(p, g, b, master, n, h, nullptr);
+  }
+}
+
+// The loop's compile-time flags from the block's: first step, weight decay.
+template <Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
+void update_block(bool first, SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
+                  int64_t begin) {
+  const bool decay = h.weight_decay != M(0);
+  if (first) {
+    decay ? update_block<true, true, kMode, P, B>(p, g, b, master, n, h, key, begin)
+          : update_block<true, false, kMode, P, B>(p, g, b, master, n, h, key, begin);
+  } else {
+    decay ? update_block<false, true, kMode, P, B>(p, g, b, master, n, h, key, begin)
+          : update_block<false, false, kMode, P, B>(p, g, b, master, n, h, key, begin);
+  }
 }
 
 template <typename P, typename B, Mode kMode>
@@ -163,11 +209,7 @@ void run(const Group& group, const StepArgs& a) {
         const uint64_t key = kMode == Mode::kStochastic ? derive_key(launch_key, seg) : 0;
         const int64_t n = w.end - w.begin;
         if (a.inv_grad_scale != nullptr) unscale_chunk<P>(g, n, inv_scale);
-        if (t.first[seg]) {
-          update_block<true, kMode, P, B>(p, g, b, master, n, h, key, w.begin);
-        } else {
-          update_block<false, kMode, P, B>(p, g, b, master, n, h, key, w.begin);
-        }
+        update_block<kMode, P, B>(t.first[seg] != 0, p, g, b, master, n, h, key, w.begin);
       }
     });
   });

@@ -76,7 +76,11 @@ __device__ __forceinline__ void update_pack(const Slice<P, B>& s, int64_t i, con
   for (int k = 0; k < N; ++k) {
     M pm = kMode == Mode::kMaster ? mv.v[k] : to_math(pv.v[k]);
     M bm = kFirst ? M(0) : to_math(bv.v[k]);
-    nag_update<kFirst>(pm, to_math(gv.v[k]), bm, h);
+    if (h.weight_decay != M(0)) {  // the same for every thread: no divergence
+      nag_update<kFirst, true>(pm, to_math(gv.v[k]), bm, h);
+    } else {
+      nag_update<kFirst, false>(pm, to_math(gv.v[k]), bm, h);
+    }
     if constexpr (kMode == Mode::kMaster) mv.v[k] = pm;
     if constexpr (kMode == Mode::kStochastic) {
       pv.v[k] = stochastic_bfloat16(pm, static_cast<uint32_t>(derive_key(s.key, s.begin + i + k)));

@@ -139,6 +139,15 @@ def test_stochastic_rounding_picks_a_neighbour_of_the_float32_result(device):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=0, atol=0)  # rounded to nearest
 
 
+def test_stochastic_rounding_keeps_infinities_and_nan(device):
+    p = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0] * 5, dtype=torch.bfloat16, device=device)
+    opt = FusedNAG([p], lr=1e-3, stochastic_rounding=True, sr_seed=0)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert p[0::4].isposinf().all() and p[1::4].isneginf().all() and p[2::4].isnan().all()
+    assert p[3::4].isfinite().all()
+
+
 def test_stochastic_rounding_is_seeded_and_differs_between_steps(device):
     def run(seed, steps):
         p = torch.ones(50000, dtype=torch.bfloat16, device=device)
