@@ -145,9 +145,10 @@ void update_half(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n
 }
 #endif
 
+// One block's elements with its compile-time flags: through float16 tiles, random-bit tiles or directly.
 template <bool kFirst, bool kDecay, Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
-void update_block(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
-                  int64_t begin) {
+void update_span(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
+                 int64_t begin) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<P, c10::Half>) {
     if (has_f16c()) return update_half<kFirst, kDecay, kMode>(p, g, b, master, n, h);
@@ -166,17 +167,17 @@ void update_block(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyp
   }
 }
 
-// The loop's compile-time flags from the block's: first step, weight decay.
+// A block: the loop's compile-time flags (first step, weight decay) picked from its values.
 template <Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
 void update_block(bool first, SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
                   int64_t begin) {
   const bool decay = h.weight_decay != M(0);
   if (first) {
-    decay ? update_block<true, true, kMode, P, B>(p, g, b, master, n, h, key, begin)
-          : update_block<true, false, kMode, P, B>(p, g, b, master, n, h, key, begin);
+    decay ? update_span<true, true, kMode, P, B>(p, g, b, master, n, h, key, begin)
+          : update_span<true, false, kMode, P, B>(p, g, b, master, n, h, key, begin);
   } else {
-    decay ? update_block<false, true, kMode, P, B>(p, g, b, master, n, h, key, begin)
-          : update_block<false, false, kMode, P, B>(p, g, b, master, n, h, key, begin);
+    decay ? update_span<false, true, kMode, P, B>(p, g, b, master, n, h, key, begin)
+          : update_span<false, false, kMode, P, B>(p, g, b, master, n, h, key, begin);
   }
 }
 

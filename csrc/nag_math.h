@@ -12,7 +12,9 @@
 //   p = fma(-lr, g, p)                    param.add_(grad, alpha=-lr)
 // (ATen's add with alpha is a fused multiply-add: Vectorized fmadd on CPU, contracted by nvcc on CUDA.)
 // T is the math type ("opmath"): float for float/half/bfloat16 tensors, double for double. Callers load
-// tensor values into T and round once when they store p and buf.
+// tensor values into T and round once when they store p and buf. The low-precision modes change only what is
+// loaded and stored: a buffer of another dtype (momentum_dtype), p read from and written to a float32 master copy and
+// rounded into the param (master_weights), or p rounded stochastically (bfloat16_bits_stochastic, below).
 //
 // NOTE: every fused multiply-add is spelled out with fma(), and the compilers may contract nothing else
 // (setup.py: -fmad=false, -ffp-contract=off), so CPU and GPU give bit-identical results.

@@ -60,6 +60,10 @@ const char* mode_name(Mode mode) {
   return "";
 }
 
+Mode mode_of(const std::optional<at::TensorList>& master_params, bool stochastic) {
+  return master_params.has_value() ? Mode::kMaster : stochastic ? Mode::kStochastic : Mode::kPlain;
+}
+
 // The kernel that updates params[i] with momentum_buffers[i] (see visit_kind in nag_launch.h for the list).
 Kind kind_of(const at::Tensor& p, const at::Tensor& b, Mode mode, size_t i) {
   TORCH_CHECK(p.is_complex() == b.is_complex() && (!p.is_complex() || b.scalar_type() == p.scalar_type()),
@@ -102,7 +106,7 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
               "have equal lengths, got ", n, " and ", master_params.has_value() ? master_params->size() : 0);
   TORCH_CHECK(!(master_params.has_value() && stochastic), "nag_step_: master_params and sr_seed exclude each other: "
               "with master weights the float32 master is updated and the param is its rounding to nearest");
-  const Mode mode = master_params.has_value() ? Mode::kMaster : stochastic ? Mode::kStochastic : Mode::kPlain;
+  const Mode mode = mode_of(master_params, stochastic);
   if (n == 0) return;
   const c10::Device device = params[0].device();
   check_amp_tensor(grad_scale, "grad_scale", device);
@@ -148,7 +152,7 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                 " of shape ", lr_tensor->sizes());
     TORCH_CHECK(lr_tensor->device() == device, "nag_step_: lr is on ", lr_tensor->device(), ", params on ", device);
   }
-  const Mode mode = master_params.has_value() ? Mode::kMaster : sr_seed.has_value() ? Mode::kStochastic : Mode::kPlain;
+  const Mode mode = mode_of(master_params, sr_seed.has_value());
 
   // Tensors the kernel cannot walk linearly are updated through contiguous copies, written back afterwards.
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;

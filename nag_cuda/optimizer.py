@@ -156,8 +156,6 @@ class FusedNAG(Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False, capturable=False,
                  momentum_dtype=None, master_weights=False, stochastic_rounding=False, sr_seed=None):
         _check_hyperparameters(lr, momentum, weight_decay)
-        if stochastic_rounding and sr_seed is None:
-            sr_seed = int(torch.randint(0, 2**62, ()))
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize, nesterov=True,
                         dampening=0, capturable=capturable, momentum_dtype=momentum_dtype,
                         master_weights=master_weights, stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
@@ -178,7 +176,10 @@ class FusedNAG(Optimizer):
         _check_group(group)
         _check_precision_options(group)
         super().add_param_group(param_group)
-        self.param_groups[-1].setdefault("sr_step", 0)  # stochastic rounding: steps taken, for the random bits
+        group = self.param_groups[-1]
+        group.setdefault("sr_step", 0)  # stochastic rounding: steps taken, for the random bits
+        if group["stochastic_rounding"] and group["sr_seed"] is None:
+            group["sr_seed"] = int(torch.randint(0, 2**62, ()))  # from torch's generator: manual_seed reproduces it
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim.Optimizer.load_state_dict, except that momentum buffers and master weights keep their

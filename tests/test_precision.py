@@ -163,6 +163,9 @@ def test_stochastic_rounding_is_seeded_and_differs_between_steps(device):
     drawn = FusedNAG([torch.ones(1, dtype=torch.bfloat16)], stochastic_rounding=True).param_groups[0]["sr_seed"]
     torch.manual_seed(5)
     assert FusedNAG([torch.ones(1, dtype=torch.bfloat16)], stochastic_rounding=True).param_groups[0]["sr_seed"] == drawn
+    opt = FusedNAG([torch.ones(1, dtype=torch.bfloat16)])  # a group added later draws its own seed
+    opt.add_param_group(dict(params=[torch.ones(1, dtype=torch.bfloat16)], stochastic_rounding=True))
+    assert isinstance(opt.param_groups[1]["sr_seed"], int) and opt.param_groups[0]["sr_seed"] is None
     # the same update at the next step is rounded with other random bits
     p = torch.ones(50000, dtype=torch.bfloat16, device=device)
     opt = FusedNAG([p], lr=1e-3, stochastic_rounding=True, sr_seed=1)
