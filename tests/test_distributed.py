@@ -103,6 +103,43 @@ def check_fsdp2(rank, data):
     assert torch.equal(p.full_tensor(), torch.ones(4, 3)) and not opt3.state
 
 
+def check_fsdp2_modes(rank, data):
+    """bfloat16 FSDP2 shards with each low-precision mode: the state is sharded like its param, keeps its dtype
+    through a distributed checkpoint, and the restored run continues to the same bits."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    data = [(x.bfloat16(), y.bfloat16()) for x, y in data]
+
+    def sharded(options):
+        model = make_model().bfloat16()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, FusedNAG(model.parameters(), **HYPER, **options)
+
+    for options, dtypes in [(dict(master_weights=True), dict(momentum_buffer=torch.float32, master_param=torch.float32)),
+                            (dict(stochastic_rounding=True, sr_seed=3), dict(momentum_buffer=torch.bfloat16)),
+                            (dict(momentum_dtype=torch.float32), dict(momentum_buffer=torch.float32))]:
+        model, opt = sharded(options)
+        train(model, opt, data[:STEPS], rank)
+        state = copy.deepcopy(get_optimizer_state_dict(model, opt))
+        model2, opt2 = sharded(options)
+        model2.load_state_dict(model.state_dict())
+        set_optimizer_state_dict(model2, opt2, state)
+        for p in model2.parameters():
+            assert {k: v.dtype for k, v in opt2.state[p].items()} == dtypes
+            assert all(isinstance(v, DTensor) and v.placements == p.placements for v in opt2.state[p].values())
+        train(model, opt, data[STEPS:], rank)
+        train(model2, opt2, data[STEPS:], rank)
+        for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+            assert torch.equal(p.to_local(), q.to_local()), options
+
+
 def check_zero(rank, data):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -130,7 +167,8 @@ def worker(rank, port, name):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        {"ddp": check_ddp, "fsdp2": check_fsdp2, "zero": check_zero}[name](rank, batches())
+        {"ddp": check_ddp, "fsdp2": check_fsdp2, "fsdp2-modes": check_fsdp2_modes, "zero": check_zero}[name](
+            rank, batches())
         # DDP/FSDP objects sit in reference cycles: free them while their process group still exists (freed at
         # interpreter exit instead, gloo sometimes aborted with "terminate called without an active exception").
         gc.collect()
@@ -146,7 +184,7 @@ def free_port():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "fsdp2-modes", "zero"])
 def test_two_processes(name):
     mp.spawn(worker, args=(free_port(), name), nprocs=WORLD, join=True)
 
