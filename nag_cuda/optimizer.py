@@ -52,6 +52,9 @@ def _check_precision_options(group: dict) -> None:
     momentum_dtype, master, stochastic = group["momentum_dtype"], group["master_weights"], group["stochastic_rounding"]
     if momentum_dtype is not None and not isinstance(momentum_dtype, torch.dtype):
         raise TypeError(f"momentum_dtype must be a torch.dtype or None, got {momentum_dtype!r}")
+    seed = group["sr_seed"]
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"sr_seed must be an int or None, got {seed!r}")
     if master and stochastic:
         raise ValueError("master_weights=True and stochastic_rounding=True exclude each other: with master weights "
                          "the float32 master is updated and the param is its rounding to nearest")

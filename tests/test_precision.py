@@ -241,6 +241,13 @@ def test_nonsensical_options_are_a_value_error_at_construction(dtype, kwargs, me
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("kwargs", [dict(momentum_dtype="float32"), dict(stochastic_rounding=True, sr_seed=1.5)],
+                         ids=["dtype-as-string", "float-seed"])
+def test_option_of_the_wrong_type_is_a_type_error(kwargs):
+    with pytest.raises(TypeError, match="momentum_dtype|sr_seed"):
+        FusedNAG([torch.randn(10, dtype=torch.bfloat16)], **kwargs)
+
+
 def test_op_rejects_unsupported_kinds_before_writing():
     p, g = torch.randn(100), torch.randn(100)
     b = torch.randn(100, dtype=torch.float16)
