@@ -31,7 +31,8 @@ def _check_hyperparameters(lr, momentum, weight_decay, values: bool = True) -> N
 
 
 # The momentum-buffer dtypes the kernels have for each param dtype; the first is the default (with master weights:
-# float32). Complex params keep buffers of their own dtype.
+# float32). Complex params keep buffers of their own dtype. Mirrors visit_kind in csrc/nag_launch.h, so that a
+# nonsensical option fails at construction rather than at the first step (test_precision checks both agree).
 _BUFFER_DTYPES = {
     torch.float32: (torch.float32, torch.bfloat16),
     torch.float64: (torch.float64,),

@@ -248,6 +248,31 @@ def test_option_of_the_wrong_type_is_a_type_error(kwargs):
         FusedNAG([torch.randn(10, dtype=torch.bfloat16)], **kwargs)
 
 
+@pytest.mark.parametrize("mode", ["plain", "master", "stochastic"])
+def test_construction_checks_match_the_kernels(mode):
+    """FusedNAG's option checks (Python) accept exactly the kinds the op has kernels for (visit_kind, C++)."""
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    for param_dtype in dtypes:
+        for buf_dtype in dtypes:
+            p = torch.randn(10, dtype=param_dtype)
+            options = dict(momentum_dtype=buf_dtype, master_weights=mode == "master",
+                           stochastic_rounding=mode == "stochastic")
+            try:
+                FusedNAG([p], **options)
+                python_ok = True
+            except ValueError:
+                python_ok = False
+            kwargs = dict(master_params=[p.float()]) if mode == "master" else (
+                dict(sr_seed=1) if mode == "stochastic" else {})
+            try:
+                torch.ops.nag_cuda._check_step([p], [p.clone()], [p.to(buf_dtype)], None, None,
+                                               kwargs.get("master_params"), mode == "stochastic")
+                kernel_ok = True
+            except RuntimeError:
+                kernel_ok = False
+            assert python_ok == kernel_ok, (param_dtype, buf_dtype, mode)
+
+
 def test_op_rejects_unsupported_kinds_before_writing():
     p, g = torch.randn(100), torch.randn(100)
     b = torch.randn(100, dtype=torch.float16)
