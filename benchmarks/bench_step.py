@@ -244,6 +244,7 @@ def time_interleaved(runs, device, rounds, target_s, warmup):
     return samples
 
 
+@torch.no_grad()  # as in step(): the ops update leaves that require grad
 def host_overhead(runs, copies, device, reps):
     """Host-side seconds per step() for FusedNAG and torch fused, {name: seconds} (medians, interleaved).
 

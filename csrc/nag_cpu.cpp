@@ -6,6 +6,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
+#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -59,7 +60,8 @@ template <> struct Io<c10::BFloat16> {
 
 // One block's slice: p, grad and buf as stored, the float32 master weights (Mode::kMaster) or each element's random
 // bits (Mode::kStochastic). The same loop for every kind, plain enough to vectorise.
-template <bool kFirst, bool kDecay, Mode kMode, typename P, typename B, typename SP = typename Io<P>::Storage,
+template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename P, typename B,
+          typename SP = typename Io<P>::Storage,
           typename SB = typename Io<B>::Storage, typename M = typename Io<P>::Math>
 NAG_VECTOR_CLONES void update_chunk(SP* __restrict__ p, const SP* __restrict__ g, SB* __restrict__ b,
                                     float* __restrict__ master, int64_t n, const Hyper<M>& h,
@@ -73,7 +75,7 @@ NAG_VECTOR_CLONES void update_chunk(SP* __restrict__ p, const SP* __restrict__ g
       pm = Io<P>::load(p[i]);
     }
     M bm = kFirst ? M(0) : Io<B>::load(b[i]);
-    nag_update<kFirst, kDecay>(pm, Io<P>::load(g[i]), bm, hyper);
+    nag_update<kFirst, kDecay, kFused>(pm, Io<P>::load(g[i]), bm, hyper);
     if constexpr (kMode == Mode::kMaster) master[i] = pm;
     if constexpr (kMode == Mode::kStochastic) {
       p[i] = bfloat16_bits_stochastic(pm, random[i]);
@@ -122,7 +124,7 @@ bool has_f16c() {
 // float16 in L1-sized tiles: convert to float, run the (vectorised) float loop, convert back. Same bits as the
 // scalar conversions, several times faster. Buffers may be float16 or float32 (momentum_dtype), and with master
 // weights the params are only written.
-template <bool kFirst, bool kDecay, Mode kMode, typename SB>
+template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename SB>
 void update_half(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n, const Hyper<float>& h) {
   constexpr bool kHalfBuffer = std::is_same_v<SB, uint16_t>;
   constexpr int64_t kTile = 1024;
@@ -137,8 +139,8 @@ void update_half(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n
     } else {
       buf = b + i;
     }
-    update_chunk<kFirst, kDecay, kMode, float, float>(pf, gf, buf, kMode == Mode::kMaster ? master + i : nullptr, m, h,
-                                                      nullptr);
+    update_chunk<kFirst, kDecay, kFused, kMode, float, float>(pf, gf, buf, kMode == Mode::kMaster ? master + i : nullptr,
+                                                              m, h, nullptr);
     float_to_half(pf, p + i, m);
     if constexpr (kHalfBuffer) float_to_half(bf, b + i, m);
   }
@@ -146,12 +148,13 @@ void update_half(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n
 #endif
 
 // One block's elements with its compile-time flags: through float16 tiles, random-bit tiles or directly.
-template <bool kFirst, bool kDecay, Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
+template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename P, typename B, typename SP, typename SB,
+          typename M>
 void update_span(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
                  int64_t begin) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<P, c10::Half>) {
-    if (has_f16c()) return update_half<kFirst, kDecay, kMode>(p, g, b, master, n, h);
+    if (has_f16c()) return update_half<kFirst, kDecay, kFused, kMode>(p, g, b, master, n, h);
   }
 #endif
   if constexpr (kMode == Mode::kStochastic) {  // the random bits a tile at a time: the hash vectorises on its own,
@@ -160,25 +163,45 @@ void update_span(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hype
     for (int64_t i = 0; i < n; i += kTile) {
       const int64_t m = std::min(kTile, n - i);
       random_bits(random, m, key, begin + i);
-      update_chunk<kFirst, kDecay, kMode, P, B>(p + i, g + i, b + i, nullptr, m, h, random);
+      update_chunk<kFirst, kDecay, kFused, kMode, P, B>(p + i, g + i, b + i, nullptr, m, h, random);
     }
   } else {
-    update_chunk<kFirst, kDecay, kMode, P, B>(p, g, b, master, n, h, nullptr);
+    update_chunk<kFirst, kDecay, kFused, kMode, P, B>(p, g, b, master, n, h, nullptr);
   }
 }
 
-// A block: the loop's compile-time flags (first step, weight decay) picked from its values.
+// Calls f(std::true_type) or f(std::false_type): a runtime flag made a compile-time one.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// torch's CPU kernels fuse multiply-adds except on x86-64 at the DEFAULT capability (see mul_add in nag_math.h).
+bool torch_fuses_multiply_add() {
+#if defined(__x86_64__)
+  static const bool fused = at::get_cpu_capability() != "DEFAULT";
+  return fused;
+#else
+  return true;
+#endif
+}
+
+// A block: the loop's compile-time flags (first step, weight decay, fused multiply-add) picked from their values.
 template <Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
 void update_block(bool first, SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
                   int64_t begin) {
-  const bool decay = h.weight_decay != M(0);
-  if (first) {
-    decay ? update_span<true, true, kMode, P, B>(p, g, b, master, n, h, key, begin)
-          : update_span<true, false, kMode, P, B>(p, g, b, master, n, h, key, begin);
-  } else {
-    decay ? update_span<false, true, kMode, P, B>(p, g, b, master, n, h, key, begin)
-          : update_span<false, false, kMode, P, B>(p, g, b, master, n, h, key, begin);
-  }
+  with_flag(first, [&](auto first_flag) {
+    with_flag(h.weight_decay != M(0), [&](auto decay_flag) {
+      with_flag(torch_fuses_multiply_add(), [&](auto fused_flag) {
+        update_span<decltype(first_flag)::value, decltype(decay_flag)::value, decltype(fused_flag)::value, kMode, P,
+                    B>(p, g, b, master, n, h, key, begin);
+      });
+    });
+  });
 }
 
 template <typename P, typename B, Mode kMode>

@@ -52,14 +52,23 @@ struct Hyper {
   bool maximize;
 };
 
+// torch's add(..., alpha=a) rounds a * b + c once where its kernels fuse it: always on CUDA, and on CPU wherever
+// torch's CPU capability has FMA. Its x86-64 kernels at the DEFAULT capability (CPUs without AVX2, or
+// ATEN_CPU_CAPABILITY=default) round the product first; kFused=false does the same, so the bits still match.
+template <bool kFused, typename T>
+NAG_HOST_DEVICE T mul_add(T a, T b, T c) {
+  if (kFused) return fused_mul_add(a, b, c);
+  return a * b + c;  // two roundings: the compilers contract nothing (see the NOTE above)
+}
+
 // kDecay: weight_decay != 0, decided by the caller for a whole loop (a select inside it keeps gcc from vectorising).
-template <bool kFirst, bool kDecay, typename T>
+template <bool kFirst, bool kDecay, bool kFused = true, typename T>
 NAG_HOST_DEVICE void nag_update(T& p, T grad, T& buf, const Hyper<T>& h) {
   T g = h.maximize ? -grad : grad;
-  if (kDecay) g = fused_mul_add(h.weight_decay, p, g);
+  if (kDecay) g = mul_add<kFused>(h.weight_decay, p, g);
   buf = kFirst ? g : h.momentum * buf + g;
-  g = fused_mul_add(h.momentum, buf, g);
-  p = fused_mul_add(-h.lr, g, p);
+  g = mul_add<kFused>(h.momentum, buf, g);
+  p = mul_add<kFused>(-h.lr, g, p);
 }
 
 // Stochastic rounding of the float32 result to bfloat16 (FusedNAG(stochastic_rounding=True)): round up with

@@ -8,10 +8,14 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/reciprocal.h>
 #include <ATen/ops/view_as_real.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include "nag_group.h"
@@ -81,11 +85,19 @@ Kind kind_of(const at::Tensor& p, const at::Tensor& b, Mode mode, size_t i) {
   return kind;
 }
 
-// The kernels walk memory linearly, so p, grad, buf (and master) must be dense with equal strides.
+// A tensor whose memory holds its values as they are: no lazy conjugation or negation (conj() of a complex
+// tensor, .imag of such a view), which the kernels would not apply.
+bool plain(const at::Tensor& t) { return !t.is_conj() && !t.is_neg(); }
+
+// The kernels walk memory linearly, so p, grad, buf (and master) must be plain and dense with equal strides.
 bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tensor& b, const at::Tensor* master) {
   return p.is_non_overlapping_and_dense() && p.strides() == g.strides() && p.strides() == b.strides() &&
-         (master == nullptr || p.strides() == master->strides());
+         (master == nullptr || p.strides() == master->strides()) && plain(p) && plain(g) && plain(b) &&
+         (master == nullptr || plain(*master));
 }
+
+// The values of `t` in a new dense tensor (or `t` itself where it already is one).
+at::Tensor materialize(const at::Tensor& t) { return t.resolve_conj().resolve_neg().contiguous(); }
 
 // GradScaler's grad_scale / found_inf: a float32 scalar on the params' device, read by the kernel there.
 void check_amp_tensor(const std::optional<at::Tensor>& t, const char* name, c10::Device device) {
@@ -96,12 +108,15 @@ void check_amp_tensor(const std::optional<at::Tensor>& t, const char* name, c10:
 }
 
 // Checks everything nag_step_ needs, so that a caller can check all its calls before making the first one.
-void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::TensorList>& master_params, bool stochastic) {
+// lr: the tensor learning rate (the .tensor_lr overload), or none.
+void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
+                const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& master_params,
+                bool stochastic) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && bufs.size() == n, "nag_step_: params, grads and momentum_buffers must have equal "
-              "lengths, got ", n, ", ", grads.size(), " and ", bufs.size());
+  TORCH_CHECK(grads.size() == n && bufs.size() == n && is_first.size() == n, "nag_step_: params, grads, "
+              "momentum_buffers and is_first must have equal lengths, got ", n, ", ", grads.size(), ", ", bufs.size(),
+              " and ", is_first.size());
   TORCH_CHECK(!master_params.has_value() || master_params->size() == n, "nag_step_: params and master_params must "
               "have equal lengths, got ", n, " and ", master_params.has_value() ? master_params->size() : 0);
   TORCH_CHECK(!(master_params.has_value() && stochastic), "nag_step_: master_params and sr_seed exclude each other: "
@@ -109,6 +124,11 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
   const Mode mode = mode_of(master_params, stochastic);
   if (n == 0) return;
   const c10::Device device = params[0].device();
+  if (lr.has_value()) {  // any real dtype, as torch's SGD takes it; read as float32 or float64 (see step_impl)
+    TORCH_CHECK(lr->numel() == 1 && !lr->is_complex(), "nag_step_: lr must be a one-element real tensor, got ",
+                lr->scalar_type(), " of shape ", lr->sizes());
+    TORCH_CHECK(lr->device() == device, "nag_step_: lr is on ", lr->device(), ", params on ", device);
+  }
   check_amp_tensor(grad_scale, "grad_scale", device);
   check_amp_tensor(found_inf, "found_inf", device);
   for (size_t i = 0; i < n; ++i) {
@@ -139,18 +159,16 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
   const size_t n = params.size();
-  TORCH_CHECK(is_first.size() == n, "nag_step_: params and is_first must have equal lengths, got ", n, " and ",
-              is_first.size());
   // everything is checked before anything is written
-  check_step(params, grads, bufs, grad_scale, found_inf, master_params, sr_seed.has_value());
+  check_step(params, grads, bufs, is_first, lr_tensor != nullptr ? std::optional<at::Tensor>(*lr_tensor) : std::nullopt,
+             grad_scale, found_inf, master_params, sr_seed.has_value());
   if (n == 0) return;
   const c10::Device device = params[0].device();
+  // The kernels read a float32 or float64 lr; any other dtype (bfloat16, an integer) is converted to float64, exactly.
+  at::Tensor lr_value;
   if (lr_tensor != nullptr) {
-    TORCH_CHECK(lr_tensor->numel() == 1 &&
-                    (lr_tensor->scalar_type() == at::kFloat || lr_tensor->scalar_type() == at::kDouble),
-                "nag_step_: lr must be a one-element float32 or float64 tensor, got ", lr_tensor->scalar_type(),
-                " of shape ", lr_tensor->sizes());
-    TORCH_CHECK(lr_tensor->device() == device, "nag_step_: lr is on ", lr_tensor->device(), ", params on ", device);
+    const bool readable = lr_tensor->scalar_type() == at::kFloat || lr_tensor->scalar_type() == at::kDouble;
+    lr_value = readable ? *lr_tensor : lr_tensor->to(at::kDouble);
   }
   const Mode mode = mode_of(master_params, sr_seed.has_value());
 
@@ -160,22 +178,25 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
   std::array<Group, 16> groups;  // one per (param dtype, buffer dtype)
   for (size_t i = 0; i < n; ++i) {
     if (params[i].numel() == 0) continue;
-    const bool complex = params[i].is_complex();
-    at::Tensor p = complex ? at::view_as_real(params[i]) : params[i];
-    at::Tensor g = complex ? at::view_as_real(grads[i]) : grads[i];
-    at::Tensor b = complex ? at::view_as_real(bufs[i]) : bufs[i];
+    at::Tensor p = params[i], g = grads[i], b = bufs[i];
     at::Tensor m = master_params.has_value() ? (*master_params)[i] : at::Tensor();
     if (!same_dense_layout(p, g, b, m.defined() ? &m : nullptr)) {
       const at::Tensor p_orig = p, g_orig = g, b_orig = b, m_orig = m;
-      p = p.contiguous();
-      g = g.contiguous();
-      b = b.contiguous();
-      if (m.defined()) m = m.contiguous();
+      p = materialize(p);
+      g = materialize(g);
+      b = materialize(b);
+      if (m.defined()) m = materialize(m);
+      // copy_ writes the values back through the original's strides (and conjugate or negative bit)
       if (!p.is_same(p_orig)) write_back.emplace_back(p_orig, p);
       if (!b.is_same(b_orig)) write_back.emplace_back(b_orig, b);
       if (m.defined() && !m.is_same(m_orig)) write_back.emplace_back(m_orig, m);
       if (grad_scale.has_value() && !g.is_same(g_orig)) write_back.emplace_back(g_orig, g);
       keep_alive.push_back(g);
+    }
+    if (p.is_complex()) {
+      p = at::view_as_real(p);
+      g = at::view_as_real(g);
+      b = at::view_as_real(b);
     }
     const Kind kind = kind_of(p, b, mode, i);
     Group& group = groups[static_cast<int>(kind.param) * 4 + static_cast<int>(kind.buf)];
@@ -196,8 +217,8 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
   const StepArgs args{lr, momentum, weight_decay, maximize,
                       inv_grad_scale.defined() ? inv_grad_scale.const_data_ptr<float>() : nullptr,
                       found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr,
-                      lr_tensor != nullptr ? lr_tensor->const_data_ptr() : nullptr,
-                      lr_tensor != nullptr && lr_tensor->scalar_type() == at::kDouble,
+                      lr_value.defined() ? lr_value.const_data_ptr() : nullptr,
+                      lr_value.defined() && lr_value.scalar_type() == at::kDouble,
                       static_cast<uint64_t>(sr_seed.value_or(0))};
   for (const Group& group : groups) {
     if (group.numel.empty()) continue;
@@ -229,6 +250,77 @@ void nag_step_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorL
                         const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
   step_impl(params, grads, bufs, is_first, 0.0, &lr, momentum, weight_decay, maximize, grad_scale, found_inf,
             master_params, sr_seed);
+}
+
+// NOTE: the two kernels below are what torch's own in-place ops get from its code generator (VariableType and
+// ADInplaceOrView), written once for nag_step_'s schema. Without them the dispatcher falls through both keys: no
+// version counter moves, so autograd cannot see that a param saved for backward was changed.
+
+// Calls f(tensor, argument name) for each tensor nag_step_ writes: the arguments its schema marks (a!), except
+// grads, which are written only when grad_scale is given (to unscale them).
+template <typename F>
+void for_each_written(const c10::FunctionSchema& schema, const c10::IValue* args, F&& f) {
+  const auto& arguments = schema.arguments();
+  bool scaled = false;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    if (arguments[i].name() == "grad_scale") scaled = !args[i].isNone();
+  }
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite() || args[i].isNone()) continue;
+    if (arguments[i].name() == "grads" && !scaled) continue;
+    for (const c10::IValue& t : args[i].toListRef()) f(t.toTensor(), arguments[i].name());
+  }
+}
+
+// Autograd: the op has no derivative. As for torch's in-place ops, a leaf that requires grad may not be updated in
+// grad mode; nor may any other argument require grad, since nothing would carry its gradient.
+void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    const auto& arguments = op.schema().arguments();
+    const c10::IValue* args = stack->data() + stack->size() - arguments.size();
+    for (size_t i = 0; i < arguments.size(); ++i) {
+      const c10::AliasInfo* alias = arguments[i].alias_info();
+      const bool written = alias != nullptr && alias->isWrite();
+      auto check = [&](const c10::IValue& v, const std::string& where) {
+        if (!v.isTensor() || !v.toTensor().defined() || !v.toTensor().requires_grad()) return;
+        TORCH_CHECK(!written || !v.toTensor().is_leaf(), "a leaf Variable that requires grad is being used in an "
+                    "in-place operation (nag_step_: ", where, "); call it under torch.no_grad(), as optimizers do");
+        TORCH_CHECK(false, "nag_step_ has no derivative, but ", where, " requires grad; call it under "
+                    "torch.no_grad(), as optimizers do");
+      };
+      if (args[i].isList()) {
+        const auto list = args[i].toListRef();
+        for (size_t j = 0; j < list.size(); ++j) check(list[j], arguments[i].name() + "[" + std::to_string(j) + "]");
+      } else {
+        check(args[i], arguments[i].name());
+      }
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+// ADInplaceOrView: every tensor the op writes gets its version counter bumped, once the update has succeeded. An
+// inference tensor cannot be updated outside inference mode: refused before anything is written.
+void inplace_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const c10::FunctionSchema& schema = op.schema();
+  const size_t n_args = schema.arguments().size();
+  // The op consumes its arguments: keep the (reference-counted) lists of written tensors for after the call.
+  const std::vector<c10::IValue> args(stack->end() - n_args, stack->end());
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  for_each_written(schema, args.data(), [&](const at::Tensor& t, const std::string& name) {
+    TORCH_CHECK(inference_mode || !t.is_inference(), "Inplace update to inference tensor outside InferenceMode is "
+                "not allowed (nag_step_: ", name, " holds a tensor made in inference mode). Clone it outside "
+                "InferenceMode first, or step inside InferenceMode");
+  });
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for_each_written(schema, args.data(), [](const at::Tensor& t, const std::string&) {
+    t.unsafeGetTensorImpl()->bump_version();
+  });
 }
 
 // Test hook: the schedule as the kernels see it. One row per block: (launch, block, tensor, begin, end), where
@@ -282,8 +374,9 @@ TORCH_LIBRARY(nag_cuda, m) {
       "nag_step_.tensor_lr(Tensor(a!)[] params, Tensor(c!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
       "Tensor lr, float momentum, float weight_decay, bool maximize, *, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor(d!)[]? master_params=None, int? sr_seed=None) -> ()");
-  m.def("_check_step(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, Tensor? grad_scale=None, "
-        "Tensor? found_inf=None, Tensor[]? master_params=None, bool stochastic=False) -> ()", &nag::check_step);
+  m.def("_check_step(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, bool[] is_first, Tensor? lr, *, "
+        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? master_params=None, bool stochastic=False) -> ()",
+        &nag::check_step);
   m.def("_plan(int[] numels, int max_segments, int max_blocks) -> Tensor", &nag::plan);
   m.def("_build_info() -> str", &nag::build_info);
 }
@@ -296,6 +389,24 @@ static void impl_step(torch::Library& m) {
 }
 
 TORCH_LIBRARY_IMPL(nag_cuda, CPU, m) { impl_step(m); }
+TORCH_LIBRARY_IMPL(nag_cuda, Autograd, m) {
+  m.impl("nag_step_", torch::CppFunction::makeFromBoxedFunction<&nag::autograd_kernel>());
+  m.impl("nag_step_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&nag::autograd_kernel>());
+}
+TORCH_LIBRARY_IMPL(nag_cuda, ADInplaceOrView, m) {
+  m.impl("nag_step_", torch::CppFunction::makeFromBoxedFunction<&nag::inplace_kernel>());
+  m.impl("nag_step_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&nag::inplace_kernel>());
+}
+// Conjugate and negative views reach the kernels as they are (torch's fallbacks refuse them in mutable lists);
+// step_impl reads and writes their values through copies.
+TORCH_LIBRARY_IMPL(nag_cuda, Conjugate, m) {
+  m.impl("nag_step_", torch::CppFunction::makeFallthrough());
+  m.impl("nag_step_.tensor_lr", torch::CppFunction::makeFallthrough());
+}
+TORCH_LIBRARY_IMPL(nag_cuda, Negative, m) {
+  m.impl("nag_step_", torch::CppFunction::makeFallthrough());
+  m.impl("nag_step_.tensor_lr", torch::CppFunction::makeFallthrough());
+}
 TORCH_LIBRARY_IMPL(nag_cuda, SparseCPU, m) { impl_step(m); }
 #ifdef NAG_WITH_CUDA
 TORCH_LIBRARY_IMPL(nag_cuda, CUDA, m) { impl_step(m); }

@@ -36,8 +36,11 @@ ops = torch.ops.nag_cuda
 @torch.library.register_fake("nag_cuda::nag_step_.tensor_lr")
 def _nag_step_fake(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize, *,
                    grad_scale=None, found_inf=None, master_params=None, sr_seed=None):
-    # In place on params, momentum_buffers, master_params (and grads, when unscaling): no output to describe.
-    return None
+    # In place on params, momentum_buffers, master_params (and grads, when unscaling): no output to describe. The
+    # arguments are checked as the real kernels check them, so meta and fake tensors fail where real ones would.
+    ops._check_step(params, grads, momentum_buffers, is_first, lr if isinstance(lr, torch.Tensor) else None,
+                    grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
+                    stochastic=sr_seed is not None)
 
 
 def build_info() -> dict:

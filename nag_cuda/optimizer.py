@@ -4,6 +4,7 @@ from numbers import Real
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.sgd import sgd as torch_sgd
 
 from ._ops import ops, step_function
 from .reference import nag_step_reference
@@ -16,10 +17,13 @@ def _check_hyperparameters(lr, momentum, weight_decay, values: bool = True) -> N
     once, when its group is added, since reading a CUDA tensor on the host would synchronise every step."""
     hyper = (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay))
     for name, value in hyper:
+        if type(value) is float or type(value) is int:  # the common case, without the slower ABC check below
+            continue
         if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
-        elif not isinstance(value, Real):
+            if value.numel() != 1 or value.is_complex():
+                raise ValueError(f"Tensor {name} must be 1-element and real, got {value.dtype} of shape "
+                                 f"{tuple(value.shape)}")
+        elif not isinstance(value, Real) and not hasattr(type(value), "__float__"):  # numpy's 0-d arrays have it
             raise TypeError(f"{name} must be a real number or a 1-element tensor, got {type(value).__name__}")
     lr, momentum, weight_decay = (None if isinstance(v, torch.Tensor) and not values else v for _, v in hyper)
     if lr is not None and lr < 0.0:
@@ -78,11 +82,24 @@ def _check_group(group: dict, values: bool = True) -> None:
     _check_hyperparameters(group["lr"], group["momentum"], group["weight_decay"], values)
     if not group.get("nesterov", True) or group.get("dampening", 0) != 0:
         raise ValueError(
-            "FusedNAG implements SGD with nesterov=True and dampening=0 only; this param group has "
-            f"nesterov={group.get('nesterov')}, dampening={group.get('dampening')}"
+            "FusedNAG implements SGD with nesterov=True and dampening=0 only (use torch.optim.SGD for classical "
+            f"momentum); this param group has nesterov={group.get('nesterov')}, dampening={group.get('dampening')}"
         )
+    if group.get("differentiable"):
+        raise ValueError("FusedNAG does not support differentiable=True: its fused kernel has no derivative "
+                         "(as torch's SGD(fused=True))")
     if group.get("capturable") and any(isinstance(group[k], torch.Tensor) for k in ("momentum", "weight_decay")):
         raise ValueError("capturable=True needs momentum and weight_decay as numbers (only lr may be a tensor)")
+
+
+def _check_sparse_group(group: dict) -> None:
+    """Sparse gradients take torch's own per-tensor SGD (see _step_sparse), which knows none of the options below."""
+    if group["weight_decay"] != 0:
+        raise RuntimeError("FusedNAG: a sparse gradient needs weight_decay=0 in its param group (torch.optim.SGD "
+                           "fails there too: add(sparse, dense) is not supported)")
+    for option in ("momentum_dtype", "master_weights", "stochastic_rounding"):
+        if group[option]:
+            raise ValueError(f"FusedNAG: {option} is not supported for params with sparse gradients")
 
 
 try:  # torch.distributed is optional in torch builds
@@ -93,8 +110,9 @@ except ImportError:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 # Param-group keys that state dicts of torch's SGD or of older FusedNAG versions lack.
-_LATER_DEFAULTS = dict(maximize=False, nesterov=True, dampening=0, capturable=False, momentum_dtype=None,
-                       master_weights=False, stochastic_rounding=False, sr_seed=None, sr_step=0)
+_LATER_DEFAULTS = dict(maximize=False, nesterov=True, dampening=0, foreach=None, differentiable=False, fused=None,
+                       capturable=False, momentum_dtype=None, master_weights=False, stochastic_rounding=False,
+                       sr_seed=None, sr_step=0)
 
 
 def _local(p, grad, buf, master):
@@ -113,13 +131,33 @@ def _on(device, t):
     return None if t is None else t.to(device, non_blocking=True)
 
 
+def _check_no_shared_memory(params) -> None:
+    """Params must not share memory: one launch updates all of them at once, so two views of the same elements would
+    race (torch's for-loop updates them one after the other). Checked when a group is added, not at every step."""
+    spans = []
+    for p in params:
+        if DTensor is not None and isinstance(p, DTensor):
+            p = p.to_local()
+        if type(p) not in _PLAIN or p.device.type == "meta" or p.numel() == 0:
+            continue
+        start = p.storage_offset() * p.element_size()
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(p.shape, p.stride(), strict=True))
+        spans.append(((p.device, p.untyped_storage().data_ptr()), start, start + extent * p.element_size()))
+    spans.sort(key=lambda s: (str(s[0][0]), s[0][1], s[1]))
+    for (storage, _, end), (next_storage, next_start, _) in zip(spans, spans[1:]):
+        if storage == next_storage and next_start < end:
+            raise ValueError("FusedNAG: two params share memory (views of one tensor). The fused kernel updates all "
+                             "params at once, so shared elements would be updated in an undefined order; optimize "
+                             "the tensor they view instead")
+
+
 class FusedNAG(Optimizer):
     r"""SGD with Nesterov momentum, fused into one kernel launch per (device, dtype) of each param group.
 
     A drop-in for ``torch.optim.SGD(params, lr, momentum, dampening=0, weight_decay, nesterov=True, maximize)``:
-    the same update, the same ``state[p]["momentum_buffer"]`` and the same param-group keys, so state dicts load
-    in either direction. Per element (float32 and float64 results are bit-identical to torch's; float16/bfloat16
-    are computed in float32 and rounded once)::
+    the same signature, the same update, the same ``state[p]["momentum_buffer"]`` and the same param-group keys, so
+    state dicts load in either direction. Per element (on x86-64 with AVX2 and on CUDA, float32 and float64 results
+    are bit-identical to torch's; float16/bfloat16 are computed in float32 and rounded once)::
 
         g = -grad if maximize else grad
         g = g + weight_decay * p
@@ -127,12 +165,17 @@ class FusedNAG(Optimizer):
         p = p - lr * (g + momentum * buf)
 
     Args:
-        params: iterable of parameters or of dicts defining parameter groups.
+        params: iterable of parameters, of (name, parameter) pairs, or of dicts defining parameter groups.
         lr: learning rate (default: 1e-3); a float or a 1-element tensor. A tensor on the params' device is read by
             the kernel there (no host synchronisation), and LR schedulers update it in place.
-        momentum: momentum factor, > 0 (default: 0.9).
+        momentum: momentum factor, > 0 (default: 0.9; torch's 0 is invalid with Nesterov momentum).
+        dampening: must be 0, as Nesterov momentum requires (default: 0).
         weight_decay: L2 penalty (default: 0).
+        nesterov: must be True (default: True); for classical momentum use ``torch.optim.SGD``.
         maximize: maximize the objective instead of minimizing it (default: False).
+        foreach, fused: accepted as torch's SGD takes them, and kept in the param groups; FusedNAG always runs its
+            fused kernel (default: None).
+        differentiable: must be False: the kernel has no derivative (default: False).
         capturable: the step may be captured in a CUDA graph (default: False). New momentum buffers then start as
             zeros rather than with a first-step special case, which gives the same numbers; use a tensor lr for a
             schedule that changes between replays.
@@ -157,16 +200,23 @@ class FusedNAG(Optimizer):
     # skips the whole step if found_inf is nonzero, all on the device, with no host synchronisation.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr=1e-3, momentum=0.9, weight_decay=0.0, *, maximize=False, capturable=False,
+    def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0, weight_decay=0.0, nesterov=True, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None, capturable=False,
                  momentum_dtype=None, master_weights=False, stochastic_rounding=False, sr_seed=None):
         _check_hyperparameters(lr, momentum, weight_decay)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize, nesterov=True,
-                        dampening=0, capturable=capturable, momentum_dtype=momentum_dtype,
-                        master_weights=master_weights, stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
+        if fused and foreach:  # torch's SGD refuses the same
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+                        capturable=capturable, momentum_dtype=momentum_dtype, master_weights=master_weights,
+                        stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
+        _check_group(defaults)
+        self._sparse = False  # a step has met a sparse gradient: later steps take the careful path at once
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_sparse", False)
         for group in self.param_groups:
             for key, value in _LATER_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -176,10 +226,20 @@ class FusedNAG(Optimizer):
         params = param_group["params"]
         if not isinstance(params, set):  # (torch's own check rejects sets, below)
             param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
-        group = {**self.defaults, **param_group}
+        tensors = [p[1] if isinstance(p, tuple) else p for p in param_group["params"]]  # named params: (name, p)
+        tensors = [p for p in tensors if isinstance(p, torch.Tensor)]  # torch's own check names the others
+        group = {**self.defaults, **param_group, "params": tensors}
         _check_group(group)
         _check_precision_options(group)
-        super().add_param_group(param_group)
+        if len(set(tensors)) != len(tensors):  # torch warns that this "will cause an error" in future
+            raise ValueError("FusedNAG: a parameter group lists the same parameter twice; the fused kernel would "
+                             "update it in one pass, not twice as torch's for-loop does. List it once")
+        super().add_param_group(param_group)  # names, defaults, and each param in one group only
+        try:
+            _check_no_shared_memory([p for g in self.param_groups for p in g["params"]])
+        except ValueError:
+            self.param_groups.pop()
+            raise
         group = self.param_groups[-1]
         group.setdefault("sr_step", 0)  # stochastic rounding: steps taken, for the random bits
         if group["stochastic_rounding"] and group["sr_seed"] is None:
@@ -188,19 +248,31 @@ class FusedNAG(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim.Optimizer.load_state_dict, except that momentum buffers and master weights keep their
         own dtype: torch casts all floating-point state to its param's dtype, which would round a float32 master or
-        momentum_dtype buffer of a bfloat16 param to bfloat16."""
-        super().load_state_dict(state_dict)
-        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
-            for p, i in zip(group["params"], saved["params"], strict=True):
-                for key, value in state_dict["state"].get(i, {}).items():
-                    if key == "master_param":
-                        dtype = torch.float32
-                    elif key == "momentum_buffer":
-                        dtype = _buffer_dtype(group, p.dtype)
-                    else:
-                        continue
-                    if isinstance(value, torch.Tensor):
-                        self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+        momentum_dtype buffer of a bfloat16 param to bfloat16. The load hooks see what they would see in torch: the
+        state dict after every pre-hook is what gets loaded, and the post-hooks run on the loaded state."""
+        loaded = {}
+
+        def keep(optimizer, final_state_dict):  # the last pre-hook: the state dict as the other hooks left it
+            loaded["state_dict"] = final_state_dict
+
+        def restore_dtypes(optimizer):  # the first post-hook
+            saved = loaded["state_dict"]
+            for group, saved_group in zip(self.param_groups, saved["param_groups"], strict=True):
+                for p, i in zip(group["params"], saved_group["params"], strict=True):
+                    for key, value in saved["state"].get(i, {}).items():
+                        if key not in ("master_param", "momentum_buffer") or not isinstance(value, torch.Tensor):
+                            continue
+                        dtype = torch.float32 if key == "master_param" else _buffer_dtype(group, p.dtype)
+                        if dtype != self.state[p][key].dtype:
+                            self.state[p][key] = value.to(device=p.device, dtype=dtype)
+
+        pre = self.register_load_state_dict_pre_hook(keep)
+        post = self.register_load_state_dict_post_hook(restore_dtypes, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -213,52 +285,85 @@ class FusedNAG(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._sparse:
+            try:
+                self._step(careful=False)
+                return loss
+            except RuntimeError as error:
+                if "kernel launch failed" in str(error):  # the only error raised after a kernel has written
+                    raise
+        # Nothing was written. The careful path looks at every tensor: sparse gradients, and state whose param
+        # has moved to another dtype or device since (model.double(), model.to(...)). It raises what is still wrong.
+        self._step(careful=True)
+        return loss
 
+    def _step(self, careful: bool) -> None:
         # Set by torch.amp.GradScaler.step() (see _step_supports_amp_scaling): None outside of it.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        calls, new_state = [], []
+        calls, new_state, sparse = {}, [], []
         for index, group in enumerate(self.param_groups):
             _check_group(group, values=False)
             lr = group["lr"]
             tensor_lr = isinstance(lr, torch.Tensor)  # read by the kernel on the device (LR schedulers fill_ it)
             hyper = (float(group["momentum"]), float(group["weight_decay"]), bool(group["maximize"]))
             may_skip = found_inf is not None or group["capturable"]
-            modes = {}
+            sr_seed = None
             if group["stochastic_rounding"]:  # a different key for every step and group, hashed by the kernels
-                modes["sr_seed"] = (group["sr_seed"] + group["sr_step"] * 0x9E3779B97F4A7C15
-                                    + index * 0xD1B54A32D192ED03) % 2**63
-            for device, lists in self._gather(group, new_state, may_skip).items():
-                amp = dict(grad_scale=_on(device, grad_scale), found_inf=_on(device, found_inf))
-                if group["master_weights"]:
-                    amp["master_params"], lists = lists[4], lists[:4]
+                sr_seed = (group["sr_seed"] + group["sr_step"] * 0x9E3779B97F4A7C15
+                           + index * 0xD1B54A32D192ED03) % 2**63
+            # Groups with the same settings share one op call per device (many one-param groups cost one call).
+            settings = (id(lr) if tensor_lr else float(lr), hyper, group["master_weights"], sr_seed)
+            sparse_here = [] if careful else None
+            for device, lists in self._gather(group, new_state, may_skip, sparse_here).items():
+                call = calls.get((device, settings))
+                if call is not None:
+                    for merged, more in zip(call[1], lists, strict=True):
+                        merged.extend(more)
+                    continue
+                kwargs = dict(grad_scale=_on(device, grad_scale), found_inf=_on(device, found_inf))
+                if sr_seed is not None:
+                    kwargs["sr_seed"] = sr_seed
                 lr_here = _on(device, lr) if tensor_lr else float(lr)
-                calls.append((step_function(device, tensor_lr), lists, (lr_here, *hyper), {**amp, **modes}))
-        # Nothing changes unless every call will succeed: a bad group, a sparse gradient or a mismatched momentum
-        # buffer leaves all parameters and all momentum state as they were. The compiled op checks its arguments
-        # before it writes, so the first call checks itself; the others (and the reference) are checked up front.
-        for i, (fn, (params, grads, bufs, _), _, kwargs) in enumerate(calls):
-            if i > 0 or fn is nag_step_reference:
-                ops._check_step(params, grads, bufs, kwargs.get("grad_scale"), kwargs.get("found_inf"),
-                                kwargs.get("master_params"), "sr_seed" in kwargs)
+                calls[device, settings] = (step_function(device, tensor_lr), lists, (lr_here, *hyper), kwargs)
+            if sparse_here:
+                _check_sparse_group(group)
+                sparse.append((group, sparse_here))
+        calls = list(calls.values())
+        for _, lists, _, kwargs in calls:
+            if len(lists) == 5:  # master weights: a keyword argument of the op
+                kwargs["master_params"] = lists.pop()
+        # Nothing changes unless every call will succeed: a bad group or a mismatched momentum buffer leaves all
+        # parameters and all momentum state as they were. The compiled op checks its arguments before it writes, so
+        # the first call checks itself (on the fast path); the others (and the reference) are checked up front.
+        for i, (fn, (params, grads, bufs, first), (lr, *_), kwargs) in enumerate(calls):
+            if i > 0 or careful or fn is nag_step_reference:
+                ops._check_step(params, grads, bufs, first, lr if isinstance(lr, torch.Tensor) else None,
+                                grad_scale=kwargs.get("grad_scale"), found_inf=kwargs.get("found_inf"),
+                                master_params=kwargs.get("master_params"), stochastic="sr_seed" in kwargs)
         for fn, lists, hyper, kwargs in calls:
             fn(*lists, *hyper, **kwargs)
+        for group, entries in sparse:
+            self._step_sparse(group, entries, grad_scale, found_inf)
+        self._sparse = self._sparse or bool(sparse)
         # New state becomes state only once the kernel has written it (or, under GradScaler, zeroed: see _gather).
         for p, key, value in new_state:
             self.state[p][key] = value
         for group in self.param_groups:
             if group["stochastic_rounding"]:
                 group["sr_step"] += 1
-        return loss
 
-    def _gather(self, group: dict, new_state: list, may_skip: bool) -> dict:
+    def _gather(self, group: dict, new_state: list, may_skip: bool, sparse: list | None) -> dict:
         """The kernel's tensor lists for one param group, per device: (params, grads, buffers, is_first), and the
         master weights last when the group has them.
 
-        This loop runs for every parameter at every step, so it only collects; the op checks the tensors.
+        This loop runs for every parameter at every step, so on the fast path (sparse is None) it only collects;
+        the op checks the tensors. The careful path (a list given) also sets aside params with sparse gradients,
+        and moves state to its param's dtype and device where the param has moved since.
         may_skip: GradScaler may skip this step on the device, which the host does not know without a sync, or
-        the step may be captured in a CUDA graph and replayed. New buffers are then zeros, stepped as not-first:
-        momentum * 0 + g is exactly the first step's buffer g, a skipped step leaves valid zeros (torch's fused SGD
-        leaves uninitialised memory as state there), and a replayed step is a steady-state step.
+        the step may be captured in a CUDA graph and replayed. New buffers are then -0.0, stepped as not-first:
+        momentum * -0.0 + g is exactly the first step's buffer g, signed zeros included, a skipped step leaves
+        valid zeros (torch's fused SGD leaves uninitialised memory as state there), and a replayed step is a
+        steady-state step.
         """
         state = self.state
         master_weights = group["master_weights"]
@@ -269,14 +374,25 @@ class FusedNAG(Optimizer):
                 continue
             st = state.get(p)
             buf = st.get("momentum_buffer") if st else None
+            if sparse is not None:
+                if grad.is_sparse:
+                    sparse.append((p, grad, buf))
+                    continue
+                buf = self._follow(p, "momentum_buffer", buf, _buffer_dtype(group, p.dtype), new_state)
             first = buf is None and not may_skip
             if buf is None:
-                make = torch.zeros_like if may_skip else torch.empty_like
-                buf = make(p, dtype=_buffer_dtype(group, p.dtype), memory_format=torch.preserve_format)
+                dtype = _buffer_dtype(group, p.dtype)
+                if may_skip:
+                    buf = torch.full_like(p, complex(-0.0, -0.0) if p.is_complex() else -0.0, dtype=dtype,
+                                          memory_format=torch.preserve_format)
+                else:
+                    buf = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 new_state.append((p, "momentum_buffer", buf))
             master = None
             if master_weights:
                 master = st.get("master_param") if st else None
+                if sparse is not None:
+                    master = self._follow(p, "master_param", master, torch.float32, new_state)
                 if master is None:
                     master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
                     new_state.append((p, "master_param", master))
@@ -284,7 +400,7 @@ class FusedNAG(Optimizer):
                 p, grad, buf, master = _local(p, grad, buf, master)
             lists = by_device.get(p.device)
             if lists is None:
-                lists = by_device[p.device] = ([], [], [], [], []) if master_weights else ([], [], [], [])
+                lists = by_device[p.device] = [[], [], [], [], []] if master_weights else [[], [], [], []]
             lists[0].append(p)
             lists[1].append(grad)
             lists[2].append(buf)
@@ -292,3 +408,33 @@ class FusedNAG(Optimizer):
             if master_weights:
                 lists[4].append(master)
         return by_device
+
+    @staticmethod
+    def _follow(p, key, value, dtype, new_state):
+        """State `value` of param p, moved to p's device and to `dtype` if p has moved since it was made (as
+        load_state_dict casts state to its param); the moved copy becomes state once the step succeeds."""
+        if value is None or (value.dtype == dtype and value.device == p.device):
+            return value
+        value = value.to(device=p.device, dtype=dtype)
+        new_state.append((p, key, value))
+        return value
+
+    def _step_sparse(self, group, entries, grad_scale, found_inf) -> None:
+        """Params with sparse gradients (nn.Embedding(sparse=True)) take torch's own per-tensor SGD, as torch's SGD
+        does for them: the same math, and a sparse momentum buffer. Under GradScaler this path reads found_inf on
+        the host (as torch's non-fused optimizers do) and unscales the gradients with torch's own kernel."""
+        if found_inf is not None and found_inf.item() != 0:
+            return
+        params, grads, bufs = (list(t) for t in zip(*entries, strict=True))
+        if grad_scale is not None:
+            inv_scale = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+            for i, (p, grad) in enumerate(zip(params, grads, strict=True)):
+                if grad.dtype == torch.float16:  # as GradScaler.unscale_: fp16 sparse grads are coalesced first
+                    p.grad = grads[i] = grad = grad.coalesce()
+                torch._amp_foreach_non_finite_check_and_unscale_([grad._values()], torch.zeros_like(inv_scale),
+                                                                 inv_scale.to(grad.device))
+        torch_sgd(params, grads, bufs, has_sparse_grad=True, foreach=False, fused=False,
+                  weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"], dampening=0,
+                  nesterov=True, maximize=group["maximize"])
+        for p, buf in zip(params, bufs, strict=True):
+            self.state[p]["momentum_buffer"] = buf

@@ -20,6 +20,8 @@ def nag_step_reference(params, grads, momentum_buffers, is_first, lr, momentum, 
                        grad_scale=None, found_inf=None, master_params=None, sr_seed=None):
     if found_inf is not None and found_inf.item() != 0:  # a host sync, acceptable in this fallback
         return
+    if isinstance(lr, torch.Tensor):  # the .tensor_lr overload: any real dtype, any 1-element shape
+        lr = lr.item()
     inv_scale = grad_scale.reciprocal() if grad_scale is not None else None
     generator = torch.Generator().manual_seed(sr_seed) if sr_seed is not None else None
     masters = master_params if master_params is not None else [None] * len(params)

@@ -126,17 +126,21 @@ def test_cuda_graph_of_a_whole_training_step_matches_eager():
 
 
 def test_tensor_lr_dtypes():
-    """float32 and float64 lr tensors give the float lr's result; other dtypes are refused before anything changes."""
-    results = []
-    for lr in (0.1, torch.tensor(0.1), torch.tensor(0.1, dtype=torch.float64)):
+    """Any real 1-element lr that torch's SGD takes (tensors of every dtype and shape (1,), numpy scalars) gives
+    torch's result, bit for bit."""
+    import numpy as np
+
+    lrs = [0.125, torch.tensor(0.1), torch.tensor(0.1, dtype=torch.float64), torch.tensor([0.1]),
+           torch.tensor(0.1, dtype=torch.bfloat16), torch.tensor(0.1, dtype=torch.float16),
+           torch.tensor(1, dtype=torch.int64), np.array(0.1), np.float32(0.1)]
+    for lr in lrs:
         p = torch.arange(5.0, requires_grad=True)
-        p.grad = torch.ones(5)
-        FusedNAG([p], lr=lr, **KW).step()
-        results.append(p.detach())
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
-    p = torch.arange(5.0, requires_grad=True)
-    p.grad = torch.ones(5)
-    opt = FusedNAG([p], lr=torch.tensor(0.1, dtype=torch.bfloat16), **KW)
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        opt.step()
-    assert torch.equal(p.detach(), torch.arange(5.0)) and not opt.state
+        q = p.detach().clone().requires_grad_()
+        ours = FusedNAG([p], lr=lr, **KW)
+        theirs = torch.optim.SGD([q], lr=lr, nesterov=True, foreach=False, **KW)
+        for step in range(3):
+            p.grad = torch.linspace(-1, 1, 5) * (step + 1)
+            q.grad = p.grad.clone()
+            ours.step()
+            theirs.step()
+        assert torch.equal(p, q), lr

@@ -265,8 +265,9 @@ def test_construction_checks_match_the_kernels(mode):
             kwargs = dict(master_params=[p.float()]) if mode == "master" else (
                 dict(sr_seed=1) if mode == "stochastic" else {})
             try:
-                torch.ops.nag_cuda._check_step([p], [p.clone()], [p.to(buf_dtype)], None, None,
-                                               kwargs.get("master_params"), mode == "stochastic")
+                torch.ops.nag_cuda._check_step([p], [p.clone()], [p.to(buf_dtype)], [False], None,
+                                               master_params=kwargs.get("master_params"),
+                                               stochastic=mode == "stochastic")
                 kernel_ok = True
             except RuntimeError:
                 kernel_ok = False
