@@ -49,3 +49,24 @@ def test_compiled_step_is_one_graph_and_matches_eager(device):
     train(ours, opt_ours, torch.compile(opt_ours.step, fullgraph=True), device)  # fullgraph: a break would raise
     train(eager, opt_eager, opt_eager.step, device)
     assert_same(ours, eager, opt_ours, opt_eager)
+
+
+def test_compiled_step_with_scheduler_needs_a_tensor_lr():
+    """An LR scheduler wraps step() (no fullgraph then, as with torch's optimizers). A float lr is a constant of the
+    compiled graph, so each new value compiles again; a tensor lr is read by the kernel and compiles once."""
+    import torch._dynamo.testing
+
+    frames = {}
+    for kind, lr in (("float", 0.1), ("tensor", torch.tensor(0.1))):
+        torch._dynamo.reset()
+        model, _ = models("cpu")
+        opt = FusedNAG(model.parameters(), lr=lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        counter = torch._dynamo.testing.CompileCounter()
+        step = torch.compile(lambda: opt.step(), backend=counter)
+        for _ in range(4):
+            model(torch.randn(4, 8)).sum().backward()
+            step()
+            sched.step()
+        frames[kind] = counter.frame_count
+    assert frames["tensor"] <= 2 < frames["float"]  # tensor: the first step (new buffers) and the steady state
