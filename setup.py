@@ -32,7 +32,7 @@ def want_cuda() -> bool:
 
 def extension():
     csrc = Path("csrc")
-    sources = [str(csrc / f) for f in ("nag_ops.cpp", "nag_cpu.cpp")]
+    sources = [str(csrc / f) for f in ("nag_ops.cpp", "nag_step.cpp", "nag_cpu.cpp")]
     # -fopenmp: at::parallel_for runs serially in code compiled without OpenMP.
     # No contraction into fused multiply-adds beyond the explicit fma() calls, so CPU and GPU round identically
     # (see nag_math.h).

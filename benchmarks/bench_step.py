@@ -278,6 +278,65 @@ def host_overhead(runs, copies, device, reps):
     return {name: median[name] - median[f"{name} kernel op"] for name in ops}
 
 
+HOST_COUNTS = (100, 2000, 10000)
+
+
+def host_methods():
+    """The methods of host_per_tensor: name -> (make optimizer, param dtype, under GradScaler)."""
+    def sgd(**mode):
+        return lambda params: torch.optim.SGD(params, nesterov=True, **mode, **HYPER)
+
+    ours = {"FusedNAG": ({}, torch.float32, False), "FusedNAG GradScaler": ({}, torch.float32, True),
+            "FusedNAG bf16": ({}, torch.bfloat16, False)}
+    ours.update({f"{name} (bf16)": (options, torch.bfloat16, False)
+                 for name, options in MODES[torch.bfloat16].items()})
+    found = {name: (lambda params, o=options: FusedNAG(params, **HYPER, **o), dtype, amp)
+             for name, (options, dtype, amp) in ours.items()}
+    found.update({"torch fused": (sgd(fused=True), torch.float32, False),
+                  "torch fused GradScaler": (sgd(fused=True), torch.float32, True),
+                  "torch foreach": (sgd(foreach=True), torch.float32, False)})
+    return found
+
+
+@torch.no_grad()
+def host_per_tensor(device, counts=HOST_COUNTS, reps=15):
+    """Host µs per tensor of step(): n params of one element each, so that what a step costs is the host's work per
+    tensor (on CPU the kernels' share is a few ns per tensor). {method: {n: µs per tensor}}, medians of `reps` steps
+    interleaved across methods, on one CPU thread. "GradScaler": step() with grad_scale and found_inf set, as
+    torch.amp.GradScaler.step() sets them (the scaler's own inf check before that is the same for every optimizer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {name: {} for name in host_methods()}
+    try:
+        for n in counts:
+            opts = {}
+            for name, (make, dtype, amp) in host_methods().items():
+                params = [torch.nn.Parameter(torch.rand(1, device=device, dtype=dtype)) for _ in range(n)]
+                for p in params:
+                    p.grad = torch.rand_like(p)
+                opt = make(params)
+                if amp:
+                    opt.grad_scale = torch.ones((), device=device)
+                    opt.found_inf = torch.zeros((), device=device)
+                for _ in range(3):
+                    opt.step()
+                opts[name] = opt
+            samples = {name: [] for name in opts}
+            order = random.Random(n)
+            for _ in range(reps):
+                for name in order.sample(list(opts), len(opts)):
+                    sync(device)
+                    start = time.perf_counter()
+                    opts[name].step()
+                    samples[name].append(time.perf_counter() - start)
+            sync(device)
+            for name, s in samples.items():
+                out[name][n] = 1e6 * statistics.median(s) / n
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def step_allocations(opt, device):
     """Bytes allocated during one steady-state step: the peak above the starting point on CUDA; on CPU the sum of all
     allocations, from the profiler (which sees every allocation ATen makes)."""

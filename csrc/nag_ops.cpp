@@ -1,7 +1,5 @@
 // Op registration and argument checks: the schema of nag_cuda::nag_step_, the checks every device shares, and the
 // split of the tensor lists into one Group per dtype for the device runners.
-#include <Python.h>
-
 #include <array>
 #include <optional>
 #include <string>
@@ -19,12 +17,7 @@
 #include <torch/library.h>
 
 #include "nag_group.h"
-
-// `import nag_cuda._C` loads this library, which registers the ops; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
+#include "nag_ops.h"
 
 namespace nag {
 namespace {
@@ -107,9 +100,8 @@ void check_amp_tensor(const std::optional<at::Tensor>& t, const char* name, c10:
   TORCH_CHECK(t->device() == device, "nag_step_: ", name, " is on ", t->device(), ", params on ", device);
 }
 
-// Checks everything nag_step_ needs, so that a caller can check all its calls before making the first one.
-// lr: the tensor learning rate (the .tensor_lr overload), or none.
-void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
+// The checks of the whole call (lengths, lr, GradScaler's tensors); returns the mode of its kernels.
+Mode check_call(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
                 const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& master_params,
                 bool stochastic) {
@@ -121,36 +113,68 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
               "have equal lengths, got ", n, " and ", master_params.has_value() ? master_params->size() : 0);
   TORCH_CHECK(!(master_params.has_value() && stochastic), "nag_step_: master_params and sr_seed exclude each other: "
               "with master weights the float32 master is updated and the param is its rounding to nearest");
-  const Mode mode = mode_of(master_params, stochastic);
-  if (n == 0) return;
-  const c10::Device device = params[0].device();
-  if (lr.has_value()) {  // any real dtype, as torch's SGD takes it; read as float32 or float64 (see step_impl)
-    TORCH_CHECK(lr->numel() == 1 && !lr->is_complex(), "nag_step_: lr must be a one-element real tensor, got ",
-                lr->scalar_type(), " of shape ", lr->sizes());
-    TORCH_CHECK(lr->device() == device, "nag_step_: lr is on ", lr->device(), ", params on ", device);
+  if (n > 0) {
+    TORCH_CHECK(params[0].defined(), "nag_step_: params[0] is undefined");
+    const c10::Device device = params[0].device();
+    if (lr.has_value()) {  // any real dtype, as torch's SGD takes it; read as float32 or float64 (see step_impl)
+      TORCH_CHECK(lr->numel() == 1 && !lr->is_complex(), "nag_step_: lr must be a one-element real tensor, got ",
+                  lr->scalar_type(), " of shape ", lr->sizes());
+      TORCH_CHECK(lr->device() == device, "nag_step_: lr is on ", lr->device(), ", params on ", device);
+    }
+    check_amp_tensor(grad_scale, "grad_scale", device);
+    check_amp_tensor(found_inf, "found_inf", device);
   }
-  check_amp_tensor(grad_scale, "grad_scale", device);
-  check_amp_tensor(found_inf, "found_inf", device);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(params[i].defined(), "nag_step_: params[", i, "] is undefined");
-    TORCH_CHECK(params[i].device() == device, "nag_step_: params[", i, "] is on ", params[i].device(),
-                ", params[0] on ", device, "; call once per device");
-    to_dtype(params[i].scalar_type(), i);
-    check_tensor(params[i], "params", i, params[i], params[i].scalar_type());
-    check_tensor(grads[i], "grads", i, params[i], params[i].scalar_type());
-    TORCH_CHECK(bufs[i].defined(), "nag_step_: momentum_buffers[", i, "] is undefined");
-    check_tensor(bufs[i], "momentum_buffers", i, params[i], bufs[i].scalar_type());
-    kind_of(params[i], bufs[i], mode, i);  // the buffer's dtype
-    if (master_params.has_value()) check_tensor((*master_params)[i], "master_params", i, params[i], at::kFloat);
-    TORCH_CHECK(at::has_internal_overlap(params[i]) != at::MemOverlap::Yes &&
-                    at::has_internal_overlap(bufs[i]) != at::MemOverlap::Yes &&
-                    (!master_params.has_value() || at::has_internal_overlap((*master_params)[i]) != at::MemOverlap::Yes),
-                "nag_step_: params[", i, "], momentum_buffers[", i, "] or master_params[", i, "] has overlapping "
-                "memory (e.g. expand())");
-    TORCH_CHECK(!grad_scale.has_value() || at::has_internal_overlap(grads[i]) != at::MemOverlap::Yes,
-                "nag_step_: grads[", i, "] has overlapping memory, and grad_scale means it is unscaled in place");
+  return mode_of(master_params, stochastic);
+}
+
+bool no_overlap(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes;
+}
+
+// The checks of params[i] and its grad, buffer (and master); returns the kind of kernel that updates it.
+// known: the (param dtype, buffer dtype) pair last found to have a kernel in this mode, which skips the lookup.
+Kind check_index(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                 const std::optional<at::TensorList>& master_params, bool unscale, Mode mode, c10::Device device,
+                 size_t i, std::pair<at::ScalarType, at::ScalarType>& known) {
+  const at::Tensor& p = params[i];
+  TORCH_CHECK(p.defined(), "nag_step_: params[", i, "] is undefined");
+  TORCH_CHECK(p.device() == device, "nag_step_: params[", i, "] is on ", p.device(), ", params[0] on ", device,
+              "; call once per device");
+  TORCH_CHECK(p.layout() == at::kStrided, "nag_step_: params[", i, "] has layout ", p.layout());
+  check_tensor(grads[i], "grads", i, p, p.scalar_type());
+  TORCH_CHECK(bufs[i].defined(), "nag_step_: momentum_buffers[", i, "] is undefined");
+  check_tensor(bufs[i], "momentum_buffers", i, p, bufs[i].scalar_type());
+  Kind kind{Dtype::kFloat, Dtype::kFloat, mode};
+  if (known.first == p.scalar_type() && known.second == bufs[i].scalar_type() && !p.is_complex()) {
+    kind.param = to_dtype(p.scalar_type(), i);
+    kind.buf = to_dtype(bufs[i].scalar_type(), i);
+  } else {
+    kind = kind_of(p, bufs[i], mode, i);
+    known = {p.scalar_type(), bufs[i].scalar_type()};
+  }
+  if (master_params.has_value()) check_tensor((*master_params)[i], "master_params", i, p, at::kFloat);
+  TORCH_CHECK(no_overlap(p) && no_overlap(bufs[i]) && (!master_params.has_value() || no_overlap((*master_params)[i])),
+              "nag_step_: params[", i, "], momentum_buffers[", i, "] or master_params[", i, "] has overlapping "
+              "memory (e.g. expand())");
+  TORCH_CHECK(!unscale || no_overlap(grads[i]), "nag_step_: grads[", i, "] has overlapping memory, and grad_scale "
+              "means it is unscaled in place");
+  return kind;
+}
+
+}  // namespace
+
+void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
+                const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& master_params,
+                bool stochastic) {
+  const Mode mode = check_call(params, grads, bufs, is_first, lr, grad_scale, found_inf, master_params, stochastic);
+  std::pair<at::ScalarType, at::ScalarType> known{at::ScalarType::Undefined, at::ScalarType::Undefined};
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_index(params, grads, bufs, master_params, grad_scale.has_value(), mode, params[0].device(), i, known);
   }
 }
+
+namespace {
 
 // lr_tensor (the .tensor_lr overload): the learning rate is read by the kernel, on the device, so a step with a
 // tensor lr needs no host synchronisation and can be captured in a CUDA graph.
@@ -159,9 +183,9 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
   const size_t n = params.size();
-  // everything is checked before anything is written
-  check_step(params, grads, bufs, is_first, lr_tensor != nullptr ? std::optional<at::Tensor>(*lr_tensor) : std::nullopt,
-             grad_scale, found_inf, master_params, sr_seed.has_value());
+  const Mode mode = check_call(params, grads, bufs, is_first,
+                               lr_tensor != nullptr ? std::optional<at::Tensor>(*lr_tensor) : std::nullopt,
+                               grad_scale, found_inf, master_params, sr_seed.has_value());
   if (n == 0) return;
   const c10::Device device = params[0].device();
   // The kernels read a float32 or float64 lr; any other dtype (bfloat16, an integer) is converted to float64, exactly.
@@ -170,44 +194,46 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
     const bool readable = lr_tensor->scalar_type() == at::kFloat || lr_tensor->scalar_type() == at::kDouble;
     lr_value = readable ? *lr_tensor : lr_tensor->to(at::kDouble);
   }
-  const Mode mode = mode_of(master_params, sr_seed.has_value());
 
   // Tensors the kernel cannot walk linearly are updated through contiguous copies, written back afterwards.
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   std::vector<at::Tensor> keep_alive;
   std::array<Group, 16> groups;  // one per (param dtype, buffer dtype)
+  std::pair<at::ScalarType, at::ScalarType> known{at::ScalarType::Undefined, at::ScalarType::Undefined};
   for (size_t i = 0; i < n; ++i) {
-    if (params[i].numel() == 0) continue;
-    at::Tensor p = params[i], g = grads[i], b = bufs[i];
-    at::Tensor m = master_params.has_value() ? (*master_params)[i] : at::Tensor();
-    if (!same_dense_layout(p, g, b, m.defined() ? &m : nullptr)) {
-      const at::Tensor p_orig = p, g_orig = g, b_orig = b, m_orig = m;
-      p = materialize(p);
-      g = materialize(g);
-      b = materialize(b);
-      if (m.defined()) m = materialize(m);
+    const Kind kind = check_index(params, grads, bufs, master_params, grad_scale.has_value(), mode, device, i, known);
+    const at::Tensor* p = &params[i];
+    const at::Tensor* g = &grads[i];
+    const at::Tensor* b = &bufs[i];
+    const at::Tensor* m = master_params.has_value() ? &(*master_params)[i] : nullptr;
+    if (p->numel() == 0) continue;
+    // The common case (dense, real) reads the tensors where they are, with no copies of the Tensor handles.
+    if (!same_dense_layout(*p, *g, *b, m) || p->is_complex()) {
+      at::Tensor dense[4] = {materialize(*p), materialize(*g), materialize(*b), m ? materialize(*m) : at::Tensor()};
       // copy_ writes the values back through the original's strides (and conjugate or negative bit)
-      if (!p.is_same(p_orig)) write_back.emplace_back(p_orig, p);
-      if (!b.is_same(b_orig)) write_back.emplace_back(b_orig, b);
-      if (m.defined() && !m.is_same(m_orig)) write_back.emplace_back(m_orig, m);
-      if (grad_scale.has_value() && !g.is_same(g_orig)) write_back.emplace_back(g_orig, g);
-      keep_alive.push_back(g);
+      if (!dense[0].is_same(*p)) write_back.emplace_back(*p, dense[0]);
+      if (!dense[2].is_same(*b)) write_back.emplace_back(*b, dense[2]);
+      if (m && !dense[3].is_same(*m)) write_back.emplace_back(*m, dense[3]);
+      if (grad_scale.has_value() && !dense[1].is_same(*g)) write_back.emplace_back(*g, dense[1]);
+      for (int k = 0; k < 3; ++k) {
+        if (dense[k].is_complex()) dense[k] = at::view_as_real(dense[k]);
+      }
+      for (const at::Tensor& t : dense) keep_alive.push_back(t);
+      const size_t last = keep_alive.size() - 4;
+      p = &keep_alive[last];  // (used in this iteration only, before keep_alive grows again)
+      g = &keep_alive[last + 1];
+      b = &keep_alive[last + 2];
+      m = m ? &keep_alive[last + 3] : nullptr;
     }
-    if (p.is_complex()) {
-      p = at::view_as_real(p);
-      g = at::view_as_real(g);
-      b = at::view_as_real(b);
-    }
-    const Kind kind = kind_of(p, b, mode, i);
     Group& group = groups[static_cast<int>(kind.param) * 4 + static_cast<int>(kind.buf)];
     group.kind = kind;
-    group.param_size = p.element_size();
-    group.buf_size = b.element_size();
-    group.param.push_back(p.data_ptr());
-    group.grad.push_back(g.data_ptr());
-    group.buf.push_back(b.data_ptr());
-    if (m.defined()) group.master.push_back(m.data_ptr());
-    group.numel.push_back(p.numel());
+    group.param_size = p->element_size();
+    group.buf_size = b->element_size();
+    group.param.push_back(p->data_ptr());
+    group.grad.push_back(g->data_ptr());
+    group.buf.push_back(b->data_ptr());
+    if (m) group.master.push_back(m->data_ptr());
+    group.numel.push_back(p->numel());
     group.first.push_back(is_first.get(i) ? 1 : 0);
   }
 
@@ -254,72 +280,73 @@ void nag_step_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorL
 
 // NOTE: the two kernels below are what torch's own in-place ops get from its code generator (VariableType and
 // ADInplaceOrView), written once for nag_step_'s schema. Without them the dispatcher falls through both keys: no
-// version counter moves, so autograd cannot see that a param saved for backward was changed.
+// version counter moves, so autograd cannot see that a param saved for backward was changed. They are unboxed (typed)
+// kernels: a boxed one would copy every tensor of the lists into IValues and back at each call.
 
-// Calls f(tensor, argument name) for each tensor nag_step_ writes: the arguments its schema marks (a!), except
-// grads, which are written only when grad_scale is given (to unscale them).
+// Calls f(tensor, argument name, index) for each tensor nag_step_ writes: the arguments its schema marks (a!),
+// except grads, which are written only when grad_scale is given (to unscale them).
 template <typename F>
-void for_each_written(const c10::FunctionSchema& schema, const c10::IValue* args, F&& f) {
-  const auto& arguments = schema.arguments();
-  bool scaled = false;
-  for (size_t i = 0; i < arguments.size(); ++i) {
-    if (arguments[i].name() == "grad_scale") scaled = !args[i].isNone();
-  }
-  for (size_t i = 0; i < arguments.size(); ++i) {
-    const c10::AliasInfo* alias = arguments[i].alias_info();
-    if (alias == nullptr || !alias->isWrite() || args[i].isNone()) continue;
-    if (arguments[i].name() == "grads" && !scaled) continue;
-    for (const c10::IValue& t : args[i].toListRef()) f(t.toTensor(), arguments[i].name());
-  }
+void for_each_written(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                      const std::optional<at::TensorList>& master_params, bool scaled, F&& f) {
+  auto each = [&](at::TensorList list, const char* name) {
+    for (size_t i = 0; i < list.size(); ++i) f(list[i], name, i);
+  };
+  each(params, "params");
+  if (scaled) each(grads, "grads");
+  each(bufs, "momentum_buffers");
+  if (master_params.has_value()) each(*master_params, "master_params");
 }
 
 // Autograd: the op has no derivative. As for torch's in-place ops, a leaf that requires grad may not be updated in
 // grad mode; nor may any other argument require grad, since nothing would carry its gradient.
-void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+template <typename Lr>
+void autograd_kernel(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                     const c10::List<bool>& is_first, Lr lr, double momentum, double weight_decay, bool maximize,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
   if (c10::GradMode::is_enabled()) {
-    const auto& arguments = op.schema().arguments();
-    const c10::IValue* args = stack->data() + stack->size() - arguments.size();
-    for (size_t i = 0; i < arguments.size(); ++i) {
-      const c10::AliasInfo* alias = arguments[i].alias_info();
-      const bool written = alias != nullptr && alias->isWrite();
-      auto check = [&](const c10::IValue& v, const std::string& where) {
-        if (!v.isTensor() || !v.toTensor().defined() || !v.toTensor().requires_grad()) return;
-        TORCH_CHECK(!written || !v.toTensor().is_leaf(), "a leaf Variable that requires grad is being used in an "
-                    "in-place operation (nag_step_: ", where, "); call it under torch.no_grad(), as optimizers do");
-        TORCH_CHECK(false, "nag_step_ has no derivative, but ", where, " requires grad; call it under "
-                    "torch.no_grad(), as optimizers do");
-      };
-      if (args[i].isList()) {
-        const auto list = args[i].toListRef();
-        for (size_t j = 0; j < list.size(); ++j) check(list[j], arguments[i].name() + "[" + std::to_string(j) + "]");
-      } else {
-        check(args[i], arguments[i].name());
-      }
-    }
+    auto check = [](const at::Tensor& t, bool written, const std::string& where) {
+      if (!t.defined() || !t.requires_grad()) return;
+      TORCH_CHECK(!written || !t.is_leaf(), "a leaf Variable that requires grad is being used in an in-place "
+                  "operation (nag_step_: ", where, "); call it under torch.no_grad(), as optimizers do");
+      TORCH_CHECK(false, "nag_step_ has no derivative, but ", where, " requires grad; call it under "
+                  "torch.no_grad(), as optimizers do");
+    };
+    for_each_written(params, grads, bufs, master_params, /*scaled=*/true,
+                     [&](const at::Tensor& t, const char* name, size_t i) {
+                       check(t, true, std::string(name) + "[" + std::to_string(i) + "]");
+                     });
+    if constexpr (std::is_same_v<Lr, const at::Tensor&>) check(lr, false, "lr");
+    if (grad_scale.has_value()) check(*grad_scale, false, "grad_scale");
+    if (found_inf.has_value()) check(*found_inf, false, "found_inf");
   }
   at::AutoDispatchBelowAutograd guard;
-  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+  step_op<Lr>().redispatch(keys & c10::after_autograd_keyset, params, grads, bufs, is_first, lr, momentum,
+                           weight_decay, maximize, grad_scale, found_inf, master_params, sr_seed);
 }
 
 // ADInplaceOrView: every tensor the op writes gets its version counter bumped, once the update has succeeded. An
 // inference tensor cannot be updated outside inference mode: refused before anything is written.
-void inplace_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  const c10::FunctionSchema& schema = op.schema();
-  const size_t n_args = schema.arguments().size();
-  // The op consumes its arguments: keep the (reference-counted) lists of written tensors for after the call.
-  const std::vector<c10::IValue> args(stack->end() - n_args, stack->end());
-  const bool inference_mode = c10::InferenceMode::is_enabled();
-  for_each_written(schema, args.data(), [&](const at::Tensor& t, const std::string& name) {
-    TORCH_CHECK(inference_mode || !t.is_inference(), "Inplace update to inference tensor outside InferenceMode is "
-                "not allowed (nag_step_: ", name, " holds a tensor made in inference mode). Clone it outside "
-                "InferenceMode first, or step inside InferenceMode");
-  });
+template <typename Lr>
+void inplace_kernel(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                    const c10::List<bool>& is_first, Lr lr, double momentum, double weight_decay, bool maximize,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
+  const bool scaled = grad_scale.has_value();
+  if (!c10::InferenceMode::is_enabled()) {
+    for_each_written(params, grads, bufs, master_params, scaled, [](const at::Tensor& t, const char* name, size_t) {
+      TORCH_CHECK(!t.is_inference(), "Inplace update to inference tensor outside InferenceMode is not allowed "
+                  "(nag_step_: ", name, " holds a tensor made in inference mode). Clone it outside InferenceMode "
+                  "first, or step inside InferenceMode");
+    });
+  }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+    step_op<Lr>().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, bufs, is_first, lr, momentum,
+                             weight_decay, maximize, grad_scale, found_inf, master_params, sr_seed);
   }
-  for_each_written(schema, args.data(), [](const at::Tensor& t, const std::string&) {
-    t.unsafeGetTensorImpl()->bump_version();
+  for_each_written(params, grads, bufs, master_params, scaled, [](const at::Tensor& t, const char*, size_t) {
+    if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
   });
 }
 
@@ -390,12 +417,12 @@ static void impl_step(torch::Library& m) {
 
 TORCH_LIBRARY_IMPL(nag_cuda, CPU, m) { impl_step(m); }
 TORCH_LIBRARY_IMPL(nag_cuda, Autograd, m) {
-  m.impl("nag_step_", torch::CppFunction::makeFromBoxedFunction<&nag::autograd_kernel>());
-  m.impl("nag_step_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&nag::autograd_kernel>());
+  m.impl("nag_step_", TORCH_FN(nag::autograd_kernel<double>));
+  m.impl("nag_step_.tensor_lr", TORCH_FN(nag::autograd_kernel<const at::Tensor&>));
 }
 TORCH_LIBRARY_IMPL(nag_cuda, ADInplaceOrView, m) {
-  m.impl("nag_step_", torch::CppFunction::makeFromBoxedFunction<&nag::inplace_kernel>());
-  m.impl("nag_step_.tensor_lr", torch::CppFunction::makeFromBoxedFunction<&nag::inplace_kernel>());
+  m.impl("nag_step_", TORCH_FN(nag::inplace_kernel<double>));
+  m.impl("nag_step_.tensor_lr", TORCH_FN(nag::inplace_kernel<const at::Tensor&>));
 }
 // Conjugate and negative views reach the kernels as they are (torch's fallbacks refuse them in mutable lists);
 // step_impl reads and writes their values through copies.

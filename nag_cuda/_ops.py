@@ -1,15 +1,17 @@
 """Loads the compiled ops (torch.ops.nag_cuda.*) and registers their fake implementation for tracing tools."""
 
+import importlib.util
 import warnings
 from importlib import metadata
 
 import torch
 
 
-def _load_extension() -> None:
+def _load_extension():
+    """The compiled module nag_cuda._C; importing it registers torch.ops.nag_cuda."""
     try:
-        from . import _C  # noqa: F401  (loading the library registers torch.ops.nag_cuda)
-        return
+        from . import _C
+        return _C
     except ImportError:
         pass
     # Imported from the source checkout (e.g. `python -c ...` in its root): the compiled library is in the installed
@@ -22,10 +24,13 @@ def _load_extension() -> None:
             "nag_cuda's compiled extension (nag_cuda._C) is missing: install the package with "
             "`pip install --no-build-isolation .`"
         )
-    torch.ops.load_library(str(libraries[0].locate()))
+    spec = importlib.util.spec_from_file_location("nag_cuda._C", libraries[0].locate())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-_load_extension()
+_C = _load_extension()
 
 from .reference import nag_step_reference
 

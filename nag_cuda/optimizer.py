@@ -1,12 +1,13 @@
 """FusedNAG: torch.optim.SGD(nesterov=True, dampening=0) with one fused kernel launch per (device, dtype)."""
 
+from collections import defaultdict
 from numbers import Real
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as torch_sgd
 
-from ._ops import ops, step_function
+from ._ops import _C, ops, step_function
 from .reference import nag_step_reference
 
 __all__ = ["FusedNAG"]
@@ -287,7 +288,9 @@ class FusedNAG(Optimizer):
                 loss = closure()
         if not self._sparse:
             try:
-                self._step(careful=False)
+                if not self._step_plain():
+                    self._step(careful=False)
+                self._advance()
                 return loss
             except RuntimeError as error:
                 if "kernel launch failed" in str(error):  # the only error raised after a kernel has written
@@ -295,24 +298,53 @@ class FusedNAG(Optimizer):
         # Nothing was written. The careful path looks at every tensor: sparse gradients, and state whose param
         # has moved to another dtype or device since (model.double(), model.to(...)). It raises what is still wrong.
         self._step(careful=True)
+        self._advance()
         return loss
 
-    def _step(self, careful: bool) -> None:
-        # Set by torch.amp.GradScaler.step() (see _step_supports_amp_scaling): None outside of it.
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        calls, new_state, sparse = {}, [], []
+    def _groups(self):
+        """Per param group, what its step needs: (group, settings, lr, (momentum, weight_decay, maximize), may_skip,
+        sr_seed). Groups with equal `settings` share one op call per device (many one-param groups cost one call).
+        may_skip: GradScaler may skip this step on the device, or the step may be captured and replayed (see
+        _gather)."""
+        found_inf = getattr(self, "found_inf", None)
         for index, group in enumerate(self.param_groups):
             _check_group(group, values=False)
             lr = group["lr"]
             tensor_lr = isinstance(lr, torch.Tensor)  # read by the kernel on the device (LR schedulers fill_ it)
             hyper = (float(group["momentum"]), float(group["weight_decay"]), bool(group["maximize"]))
-            may_skip = found_inf is not None or group["capturable"]
             sr_seed = None
             if group["stochastic_rounding"]:  # a different key for every step and group, hashed by the kernels
                 sr_seed = (group["sr_seed"] + group["sr_step"] * 0x9E3779B97F4A7C15
                            + index * 0xD1B54A32D192ED03) % 2**63
-            # Groups with the same settings share one op call per device (many one-param groups cost one call).
-            settings = (id(lr) if tensor_lr else float(lr), hyper, group["master_weights"], sr_seed)
+            lr = lr if tensor_lr else float(lr)
+            settings = (id(lr) if tensor_lr else lr, hyper, group["master_weights"], sr_seed)
+            yield group, settings, lr, hyper, found_inf is not None or group["capturable"], sr_seed
+
+    def _step_plain(self) -> bool:
+        """The step for plain tensors (Tensor or Parameter, strided grads, on a device with a kernel): one C++ call
+        (csrc/nag_step.cpp) reads every grad and state entry and makes the op calls, with no Python code per tensor.
+        Returns False, having changed nothing, where something needs the Python path (_step): a DTensor or other
+        subclass, a sparse grad, torch.compile tracing the step, a torch function mode."""
+        if (torch.compiler.is_compiling() or type(self.state) not in (defaultdict, dict)
+                or torch._C._is_torch_function_mode_enabled()):
+            return False
+        keys = {}
+        specs = [(group["params"], keys.setdefault(settings, len(keys)), lr, *hyper, group["momentum_dtype"],
+                  group["master_weights"], may_skip, sr_seed)
+                 for group, settings, lr, hyper, may_skip, sr_seed in self._groups()]
+        return _C._step(specs, self.state, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+
+    def _advance(self) -> None:
+        for group in self.param_groups:
+            if group["stochastic_rounding"]:
+                group["sr_step"] += 1
+
+    def _step(self, careful: bool) -> None:
+        """The step in Python, for what _step_plain leaves (and what torch.compile traces); careful: see step()."""
+        # Set by torch.amp.GradScaler.step() (see _step_supports_amp_scaling): None outside of it.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        calls, new_state, sparse = {}, [], []
+        for group, settings, lr, hyper, may_skip, sr_seed in self._groups():
             sparse_here = [] if careful else None
             for device, lists in self._gather(group, new_state, may_skip, sparse_here).items():
                 call = calls.get((device, settings))
@@ -323,7 +355,8 @@ class FusedNAG(Optimizer):
                 kwargs = dict(grad_scale=_on(device, grad_scale), found_inf=_on(device, found_inf))
                 if sr_seed is not None:
                     kwargs["sr_seed"] = sr_seed
-                lr_here = _on(device, lr) if tensor_lr else float(lr)
+                tensor_lr = isinstance(lr, torch.Tensor)
+                lr_here = _on(device, lr) if tensor_lr else lr
                 calls[device, settings] = (step_function(device, tensor_lr), lists, (lr_here, *hyper), kwargs)
             if sparse_here:
                 _check_sparse_group(group)
@@ -348,9 +381,6 @@ class FusedNAG(Optimizer):
         # New state becomes state only once the kernel has written it (or, under GradScaler, zeroed: see _gather).
         for p, key, value in new_state:
             self.state[p][key] = value
-        for group in self.param_groups:
-            if group["stochastic_rounding"]:
-                group["sr_step"] += 1
 
     def _gather(self, group: dict, new_state: list, may_skip: bool, sparse: list | None) -> dict:
         """The kernel's tensor lists for one param group, per device: (params, grads, buffers, is_first), and the

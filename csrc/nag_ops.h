@@ -1,0 +1,38 @@
+// What nag_ops.cpp offers the rest of the extension besides the registered ops.
+#pragma once
+
+#include <optional>
+#include <type_traits>
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace nag {
+
+// Checks everything nag_cuda::nag_step_ checks before it writes (lr: the tensor learning rate, or none), so that a
+// caller with several calls can check them all before the first one runs.
+void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
+                const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& master_params,
+                bool stochastic);
+
+// The op nag_cuda::nag_step_ as a C++ function type; its two overloads differ only in lr: double (the default) or
+// const at::Tensor& (.tensor_lr).
+template <typename Lr>
+using StepSignature = void(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                           const c10::List<bool>& is_first, Lr lr, double momentum, double weight_decay,
+                           bool maximize, const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed);
+
+// The overload's handle, for calls through the dispatcher from C++.
+template <typename Lr>
+const c10::TypedOperatorHandle<StepSignature<Lr>>& step_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nag_cuda::nag_step_", std::is_same_v<Lr, double> ? "" : "tensor_lr")
+                             .template typed<StepSignature<Lr>>();
+  return op;
+}
+
+}  // namespace nag

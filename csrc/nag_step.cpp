@@ -1,0 +1,297 @@
+// The host side of FusedNAG.step() for plain tensors, as one C++ call for every param group of a step: it reads each
+// param's grad and state (momentum buffer, master weights) from the Python objects, with no Python code per tensor,
+// and calls the op nag_cuda::nag_step_ through the dispatcher (autograd's checks and version counters included), once
+// per (device, settings). Nothing is kept between steps: grads, state and param groups are read afresh each time, as
+// torch's own loop reads them, so whatever user code changes between steps is seen.
+#include <Python.h>
+
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
+
+#include "nag_ops.h"
+
+namespace nag {
+namespace {
+
+// Tensor handles that borrow rather than own: the Python objects (params, their grads, opt.state) or new_state own
+// these tensors, and nothing can drop them while this call holds the GIL. A borrow costs no reference count, where a
+// copy of a tensor that Python owns costs two calls into the interpreter (see c10/util/intrusive_ptr.h).
+class Borrowed {
+ public:
+  Borrowed() = default;
+  Borrowed(Borrowed&&) = default;
+  Borrowed(const Borrowed&) = delete;
+  ~Borrowed() {
+    for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+  void add(const at::Tensor& t) { tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t)); }
+  bool empty() const { return tensors_.empty(); }
+  size_t size() const { return tensors_.size(); }
+  at::TensorList list() const { return tensors_; }
+
+ private:
+  std::vector<at::Tensor> tensors_;
+};
+
+// One op call: the params of one or more groups with the same settings, on one device.
+struct Call {
+  c10::Device device{c10::kCPU};
+  std::optional<at::Tensor> lr_tensor;  // else lr
+  double lr = 0.0, momentum = 0.0, weight_decay = 0.0;
+  bool maximize = false;
+  std::optional<int64_t> sr_seed;
+  Borrowed params, grads, bufs, masters;
+  c10::List<bool> first;
+  int64_t numel = 0;
+};
+
+// Steps that update at least this many elements run the op without the GIL, as torch's own ops do, so that other
+// Python threads run meanwhile; smaller ones keep it, which lets them borrow (above).
+constexpr int64_t kReleaseGilNumel = int64_t{1} << 20;
+
+// State made by this step (a new momentum buffer or master copy): stored in opt.state once every call has run.
+struct NewState {
+  THPObjectPtr param;
+  PyObject* key;  // an interned string, immortal for this purpose
+  at::Tensor value;
+};
+
+PyObject* momentum_buffer_key = nullptr;
+PyObject* master_param_key = nullptr;
+
+// opt.state[param] (borrowed), or nullptr if absent. `id_hash`: hash(param) is id(param), as Tensor.__hash__ defines
+// it, so the lookup needs no call into Python (CPython's private known-hash lookup, public up to 3.12).
+PyObject* state_of(PyObject* state, PyObject* param, bool id_hash) {
+  PyObject* st;
+#if PY_VERSION_HEX < 0x030D0000
+  if (id_hash) {
+    st = _PyDict_GetItem_KnownHash(state, param, reinterpret_cast<Py_hash_t>(param));
+  } else {
+    st = PyDict_GetItemWithError(state, param);
+  }
+#else
+  (void)id_hash;
+  st = PyDict_GetItemWithError(state, param);
+#endif
+  if (st == nullptr && PyErr_Occurred()) throw python_error();
+  return st;
+}
+
+// state[key] of one param: its tensor, an undefined tensor if absent or None, or false if it is not a plain tensor
+// (a DTensor, a subclass, something else), which the Python path handles.
+bool read_state(PyObject* st, PyObject* key, at::Tensor& out) {
+  out = at::Tensor();
+  if (st == nullptr) return true;
+  PyObject* value = PyDict_GetItemWithError(st, key);
+  if (value == nullptr) {
+    if (PyErr_Occurred()) throw python_error();
+    return true;
+  }
+  if (value == Py_None) return true;
+  if (!THPVariable_CheckExact(value)) return false;
+  out = THPVariable_Unpack(value);
+  return true;
+}
+
+std::optional<at::Tensor> on(const std::optional<at::Tensor>& t, c10::Device device) {
+  if (!t.has_value() || t->device() == device) return t;
+  return t->to(device, /*non_blocking=*/true);
+}
+
+std::optional<at::Tensor> optional_tensor(PyObject* obj) {
+  if (obj == Py_None) return std::nullopt;
+  TORCH_CHECK(THPVariable_Check(obj), "nag_cuda._C._step: expected a tensor or None");
+  return THPVariable_Unpack(obj);
+}
+
+std::optional<at::TensorList> masters_of(const Call& c) {  // master weights: a keyword argument of the op
+  return c.masters.empty() ? std::nullopt : std::optional<at::TensorList>(c.masters.list());
+}
+
+// One op call, through the dispatcher (autograd's checks and version counters included).
+void run(const Call& c, at::TensorList params, at::TensorList grads, at::TensorList bufs,
+         const std::optional<at::TensorList>& masters, const std::optional<at::Tensor>& grad_scale,
+         const std::optional<at::Tensor>& found_inf) {
+  if (c.lr_tensor.has_value()) {
+    step_op<const at::Tensor&>().call(params, grads, bufs, c.first, *c.lr_tensor, c.momentum, c.weight_decay,
+                                      c.maximize, on(grad_scale, c.device), on(found_inf, c.device), masters,
+                                      c.sr_seed);
+  } else {
+    step_op<double>().call(params, grads, bufs, c.first, c.lr, c.momentum, c.weight_decay, c.maximize,
+                           on(grad_scale, c.device), on(found_inf, c.device), masters, c.sr_seed);
+  }
+}
+
+struct NoGil {
+  PyThreadState* saved = PyEval_SaveThread();
+  ~NoGil() { PyEval_RestoreThread(saved); }
+};
+
+// _step(specs, state, grad_scale, found_inf) -> bool. specs: one tuple per param group, (params, key, lr, momentum,
+// weight_decay, maximize, momentum_dtype, master_weights, may_skip, sr_seed); groups with equal keys share op calls.
+// Returns False, having changed nothing, where a tensor is not a plain strided Tensor or Parameter (DTensor, other
+// subclasses, sparse grads) or a state entry is not a dict: FusedNAG's Python path handles those. Raises, having
+// changed nothing, on bad input.
+PyObject* step(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *specs, *state, *grad_scale_obj, *found_inf_obj;
+  if (!PyArg_ParseTuple(args, "O!O!OO", &PyList_Type, &specs, &PyDict_Type, &state, &grad_scale_obj, &found_inf_obj)) {
+    return nullptr;
+  }
+  const std::optional<at::Tensor> grad_scale = optional_tensor(grad_scale_obj);
+  const std::optional<at::Tensor> found_inf = optional_tensor(found_inf_obj);
+  std::vector<NewState> new_state;
+  std::vector<Call> calls;
+  std::unordered_map<int64_t, size_t> call_of;  // (settings key, device) -> index in calls
+  int id_hash = -1;  // unknown until the first param: whether hash(p) == id(p)
+
+  for (Py_ssize_t g = 0; g < PyList_GET_SIZE(specs); ++g) {
+    PyObject *params, *lr_obj, *momentum_dtype_obj, *sr_seed_obj;
+    long key;
+    double momentum, weight_decay;
+    int maximize, master, may_skip;
+    if (!PyArg_ParseTuple(PyList_GET_ITEM(specs, g), "O!lOddpOppO", &PyList_Type, &params, &key, &lr_obj, &momentum,
+                          &weight_decay, &maximize, &momentum_dtype_obj, &master, &may_skip, &sr_seed_obj)) {
+      return nullptr;
+    }
+    const bool tensor_lr = THPVariable_Check(lr_obj);
+    const double lr = tensor_lr ? 0.0 : PyFloat_AsDouble(lr_obj);
+    if (!tensor_lr && PyErr_Occurred()) return nullptr;
+    std::optional<int64_t> sr_seed;
+    if (sr_seed_obj != Py_None) {
+      sr_seed = PyLong_AsLongLong(sr_seed_obj);
+      if (PyErr_Occurred()) return nullptr;
+    }
+    if (momentum_dtype_obj != Py_None && !THPDtype_Check(momentum_dtype_obj)) Py_RETURN_FALSE;
+    const std::optional<at::ScalarType> momentum_dtype =
+        momentum_dtype_obj == Py_None ? std::nullopt
+                                      : std::optional(reinterpret_cast<THPDtype*>(momentum_dtype_obj)->scalar_type);
+
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+      PyObject* obj = PyList_GET_ITEM(params, i);
+      if (!THPVariable_CheckExact(obj)) Py_RETURN_FALSE;
+      const at::Tensor& p = THPVariable_Unpack(obj);
+      const at::Tensor& grad = p.grad();
+      if (!grad.defined()) continue;
+      if (grad.layout() != at::kStrided) Py_RETURN_FALSE;
+      if (id_hash < 0) {
+        const Py_hash_t h = PyObject_Hash(obj);
+        if (h == -1) return nullptr;
+        id_hash = h == reinterpret_cast<Py_hash_t>(obj);
+      }
+      PyObject* st = state_of(state, obj, id_hash == 1);
+      if (st != nullptr && !PyDict_CheckExact(st)) Py_RETURN_FALSE;
+      at::Tensor buf, master_param;
+      if (!read_state(st, momentum_buffer_key, buf)) Py_RETURN_FALSE;
+      if (master && !read_state(st, master_param_key, master_param)) Py_RETURN_FALSE;
+
+      const c10::Device device = p.device();
+#ifdef NAG_WITH_CUDA
+      if (!device.is_cpu() && !device.is_cuda()) Py_RETURN_FALSE;  // the Python path's reference implementation
+#else
+      if (!device.is_cpu()) Py_RETURN_FALSE;
+#endif
+      const int64_t call_key = (static_cast<int64_t>(key) << 16) | (static_cast<int64_t>(device.type()) << 8) |
+                               static_cast<uint8_t>(device.index());
+      auto [it, added] = call_of.try_emplace(call_key, calls.size());
+      if (added) {
+        Call& call = calls.emplace_back();
+        call.device = device;
+        if (tensor_lr) call.lr_tensor = on(THPVariable_Unpack(lr_obj), device);
+        call.lr = lr;
+        call.momentum = momentum;
+        call.weight_decay = weight_decay;
+        call.maximize = maximize;
+        call.sr_seed = sr_seed;
+      }
+      Call& call = calls[it->second];
+      // As FusedNAG._gather: a new buffer is -0.0 and stepped as not-first where the step may be skipped on the
+      // device (GradScaler) or replayed (capturable); else it is written by the first step.
+      call.first.push_back(!buf.defined() && !may_skip);
+      if (!buf.defined()) {
+        const at::ScalarType dtype = momentum_dtype.value_or(master ? at::kFloat : p.scalar_type());
+        buf = at::empty_like(p, p.options().dtype(dtype), at::MemoryFormat::Preserve);
+        if (may_skip) {
+          buf.fill_(p.is_complex() ? c10::Scalar(c10::complex<double>(-0.0, -0.0)) : c10::Scalar(-0.0));
+        }
+        new_state.push_back({THPObjectPtr(Py_NewRef(obj)), momentum_buffer_key, buf});
+      }
+      if (master) {
+        if (!master_param.defined()) {
+          master_param = p.detach().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Preserve);
+          new_state.push_back({THPObjectPtr(Py_NewRef(obj)), master_param_key, master_param});
+        }
+        call.masters.add(master_param);
+      }
+      call.params.add(p);
+      call.grads.add(grad);
+      call.bufs.add(buf);
+      call.numel += p.numel();
+    }
+  }
+
+  // Every call is checked before the first one writes (the first checks itself), so bad input changes nothing.
+  int64_t numel = 0;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const Call& c = calls[i];
+    numel += c.numel;
+    if (i > 0) {
+      check_step(c.params.list(), c.grads.list(), c.bufs.list(), c.first, c.lr_tensor, on(grad_scale, c.device),
+                 on(found_inf, c.device), masters_of(c), c.sr_seed.has_value());
+    }
+  }
+  for (const Call& c : calls) {
+    if (numel < kReleaseGilNumel) {
+      run(c, c.params.list(), c.grads.list(), c.bufs.list(), masters_of(c), grad_scale, found_inf);
+      continue;
+    }
+    // Owned handles, released after the GIL is taken back (they are declared before the guard).
+    const std::vector<at::Tensor> params(c.params.list().begin(), c.params.list().end());
+    const std::vector<at::Tensor> grads(c.grads.list().begin(), c.grads.list().end());
+    const std::vector<at::Tensor> bufs(c.bufs.list().begin(), c.bufs.list().end());
+    const std::vector<at::Tensor> masters(c.masters.list().begin(), c.masters.list().end());
+    const NoGil no_gil;
+    run(c, params, grads, bufs, c.masters.empty() ? std::nullopt : std::optional<at::TensorList>(masters), grad_scale,
+        found_inf);
+  }
+
+  // New state becomes state only once the kernels have written it (as in FusedNAG._step).
+  for (NewState& s : new_state) {
+    PyObject* st = state_of(state, s.param.get(), id_hash == 1);
+    THPObjectPtr made;
+    if (st == nullptr) {
+      made = PyDict_New();
+      if (!made || PyObject_SetItem(state, s.param.get(), made.get()) < 0) return nullptr;
+      st = made.get();
+    }
+    THPObjectPtr value(THPVariable_Wrap(std::move(s.value)));
+    if (!value || PyDict_SetItem(st, s.key, value.get()) < 0) return nullptr;
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"_step", step, METH_VARARGS, "FusedNAG.step() for plain tensors: see csrc/nag_step.cpp"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+}  // namespace nag
+
+// `import nag_cuda._C` loads this library, which registers the ops (nag_ops.cpp) and defines _step.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nag::methods};
+  nag::momentum_buffer_key = PyUnicode_InternFromString("momentum_buffer");
+  nag::master_param_key = PyUnicode_InternFromString("master_param");
+  if (nag::momentum_buffer_key == nullptr || nag::master_param_key == nullptr) return nullptr;
+  return PyModule_Create(&module);
+}
