@@ -35,6 +35,15 @@ Dtype to_dtype(at::ScalarType t, size_t i) {
   }
 }
 
+// a == b, inlined: ArrayRef's operator== calls memcmp, which costs more than these few elements.
+inline bool same(c10::IntArrayRef a, c10::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
 // dtype: the dtype `t` must have (a momentum buffer's may differ from its param's, see kind_of).
 void check_tensor(const at::Tensor& t, const char* name, size_t i, const at::Tensor& param, at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), "nag_step_: ", name, "[", i, "] is undefined");
@@ -44,7 +53,7 @@ void check_tensor(const at::Tensor& t, const char* name, size_t i, const at::Ten
               "] on ", param.device());
   TORCH_CHECK(t.scalar_type() == dtype, "nag_step_: ", name, "[", i, "] has dtype ", t.scalar_type(), ", expected ",
               dtype, " (params[", i, "] has ", param.scalar_type(), ")");
-  TORCH_CHECK(t.sizes() == param.sizes(), "nag_step_: ", name, "[", i, "] has shape ", t.sizes(), ", params[", i,
+  TORCH_CHECK(same(t.sizes(), param.sizes()), "nag_step_: ", name, "[", i, "] has shape ", t.sizes(), ", params[", i,
               "] has ", param.sizes());
 }
 
@@ -84,8 +93,8 @@ bool plain(const at::Tensor& t) { return !t.is_conj() && !t.is_neg(); }
 
 // The kernels walk memory linearly, so p, grad, buf (and master) must be plain and dense with equal strides.
 bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tensor& b, const at::Tensor* master) {
-  return p.is_non_overlapping_and_dense() && p.strides() == g.strides() && p.strides() == b.strides() &&
-         (master == nullptr || p.strides() == master->strides()) && plain(p) && plain(g) && plain(b) &&
+  return p.is_non_overlapping_and_dense() && same(p.strides(), g.strides()) && same(p.strides(), b.strides()) &&
+         (master == nullptr || same(p.strides(), master->strides())) && plain(p) && plain(g) && plain(b) &&
          (master == nullptr || plain(*master));
 }
 
@@ -100,7 +109,8 @@ void check_amp_tensor(const std::optional<at::Tensor>& t, const char* name, c10:
   TORCH_CHECK(t->device() == device, "nag_step_: ", name, " is on ", t->device(), ", params on ", device);
 }
 
-// The checks of the whole call (lengths, lr, GradScaler's tensors); returns the mode of its kernels.
+}  // namespace
+
 Mode check_call(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
                 const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& master_params,
@@ -127,50 +137,58 @@ Mode check_call(at::TensorList params, at::TensorList grads, at::TensorList bufs
   return mode_of(master_params, stochastic);
 }
 
+namespace {
+
 bool no_overlap(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes;
 }
 
-// The checks of params[i] and its grad, buffer (and master); returns the kind of kernel that updates it.
-// known: the (param dtype, buffer dtype) pair last found to have a kernel in this mode, which skips the lookup.
-Kind check_index(at::TensorList params, at::TensorList grads, at::TensorList bufs,
-                 const std::optional<at::TensorList>& master_params, bool unscale, Mode mode, c10::Device device,
-                 size_t i, std::pair<at::ScalarType, at::ScalarType>& known) {
-  const at::Tensor& p = params[i];
+}  // namespace
+
+Kind check_tensors(const at::Tensor& p, const at::Tensor& grad, const at::Tensor& buf, const at::Tensor* master,
+                   size_t i, bool unscale, Mode mode, c10::Device device, KindMemo& memo) {
   TORCH_CHECK(p.defined(), "nag_step_: params[", i, "] is undefined");
   TORCH_CHECK(p.device() == device, "nag_step_: params[", i, "] is on ", p.device(), ", params[0] on ", device,
               "; call once per device");
   TORCH_CHECK(p.layout() == at::kStrided, "nag_step_: params[", i, "] has layout ", p.layout());
-  check_tensor(grads[i], "grads", i, p, p.scalar_type());
-  TORCH_CHECK(bufs[i].defined(), "nag_step_: momentum_buffers[", i, "] is undefined");
-  check_tensor(bufs[i], "momentum_buffers", i, p, bufs[i].scalar_type());
+  check_tensor(grad, "grads", i, p, p.scalar_type());
+  TORCH_CHECK(buf.defined(), "nag_step_: momentum_buffers[", i, "] is undefined");
+  check_tensor(buf, "momentum_buffers", i, p, buf.scalar_type());
   Kind kind{Dtype::kFloat, Dtype::kFloat, mode};
-  if (known.first == p.scalar_type() && known.second == bufs[i].scalar_type() && !p.is_complex()) {
+  if (memo.param == p.scalar_type() && memo.buf == buf.scalar_type() && !p.is_complex()) {
     kind.param = to_dtype(p.scalar_type(), i);
-    kind.buf = to_dtype(bufs[i].scalar_type(), i);
+    kind.buf = to_dtype(buf.scalar_type(), i);
   } else {
-    kind = kind_of(p, bufs[i], mode, i);
-    known = {p.scalar_type(), bufs[i].scalar_type()};
+    kind = kind_of(p, buf, mode, i);
+    memo = {p.scalar_type(), buf.scalar_type()};
   }
-  if (master_params.has_value()) check_tensor((*master_params)[i], "master_params", i, p, at::kFloat);
-  TORCH_CHECK(no_overlap(p) && no_overlap(bufs[i]) && (!master_params.has_value() || no_overlap((*master_params)[i])),
-              "nag_step_: params[", i, "], momentum_buffers[", i, "] or master_params[", i, "] has overlapping "
-              "memory (e.g. expand())");
-  TORCH_CHECK(!unscale || no_overlap(grads[i]), "nag_step_: grads[", i, "] has overlapping memory, and grad_scale "
+  if (master != nullptr) check_tensor(*master, "master_params", i, p, at::kFloat);
+  TORCH_CHECK(no_overlap(p) && no_overlap(buf) && (master == nullptr || no_overlap(*master)), "nag_step_: params[",
+              i, "], momentum_buffers[", i, "] or master_params[", i, "] has overlapping memory (e.g. expand())");
+  TORCH_CHECK(!unscale || no_overlap(grad), "nag_step_: grads[", i, "] has overlapping memory, and grad_scale "
               "means it is unscaled in place");
+  // As torch's in-place ops: an inference tensor cannot be updated outside inference mode.
+  if (!c10::InferenceMode::is_enabled()) {
+    const at::Tensor* written[] = {&p, &buf, master, unscale ? &grad : nullptr};
+    const char* names[] = {"params", "momentum_buffers", "master_params", "grads"};
+    for (int k = 0; k < 4; ++k) {
+      TORCH_CHECK(written[k] == nullptr || !written[k]->is_inference(), "Inplace update to inference tensor outside "
+                  "InferenceMode is not allowed (nag_step_: ", names[k], "[", i, "] was made in inference mode). "
+                  "Clone it outside InferenceMode first, or step inside InferenceMode");
+    }
+  }
   return kind;
 }
-
-}  // namespace
 
 void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
                 const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& master_params,
                 bool stochastic) {
   const Mode mode = check_call(params, grads, bufs, is_first, lr, grad_scale, found_inf, master_params, stochastic);
-  std::pair<at::ScalarType, at::ScalarType> known{at::ScalarType::Undefined, at::ScalarType::Undefined};
+  KindMemo memo;
   for (size_t i = 0; i < params.size(); ++i) {
-    check_index(params, grads, bufs, master_params, grad_scale.has_value(), mode, params[0].device(), i, known);
+    check_tensors(params[i], grads[i], bufs[i], master_params.has_value() ? &(*master_params)[i] : nullptr, i,
+                  grad_scale.has_value(), mode, params[0].device(), memo);
   }
 }
 
@@ -199,13 +217,13 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   std::vector<at::Tensor> keep_alive;
   std::array<Group, 16> groups;  // one per (param dtype, buffer dtype)
-  std::pair<at::ScalarType, at::ScalarType> known{at::ScalarType::Undefined, at::ScalarType::Undefined};
+  KindMemo memo;
   for (size_t i = 0; i < n; ++i) {
-    const Kind kind = check_index(params, grads, bufs, master_params, grad_scale.has_value(), mode, device, i, known);
     const at::Tensor* p = &params[i];
     const at::Tensor* g = &grads[i];
     const at::Tensor* b = &bufs[i];
     const at::Tensor* m = master_params.has_value() ? &(*master_params)[i] : nullptr;
+    const Kind kind = check_tensors(*p, *g, *b, m, i, grad_scale.has_value(), mode, device, memo);
     if (p->numel() == 0) continue;
     // The common case (dense, real) reads the tensors where they are, with no copies of the Tensor handles.
     if (!same_dense_layout(*p, *g, *b, m) || p->is_complex()) {
@@ -230,7 +248,8 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
     group.param_size = p->element_size();
     group.buf_size = b->element_size();
     group.param.push_back(p->data_ptr());
-    group.grad.push_back(g->data_ptr());
+    // (grads are written only to unscale them; a read needs no copy-on-write check)
+    group.grad.push_back(grad_scale.has_value() ? g->data_ptr() : const_cast<void*>(g->const_data_ptr()));
     group.buf.push_back(b->data_ptr());
     if (m) group.master.push_back(m->data_ptr());
     group.numel.push_back(p->numel());
@@ -325,21 +344,14 @@ void autograd_kernel(c10::DispatchKeySet keys, at::TensorList params, at::Tensor
                            weight_decay, maximize, grad_scale, found_inf, master_params, sr_seed);
 }
 
-// ADInplaceOrView: every tensor the op writes gets its version counter bumped, once the update has succeeded. An
-// inference tensor cannot be updated outside inference mode: refused before anything is written.
+// ADInplaceOrView: every tensor the op writes gets its version counter bumped, once the update has succeeded. (The
+// kernels refuse inference tensors outside inference mode, in check_tensors, in the pass that reads them anyway.)
 template <typename Lr>
 void inplace_kernel(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads, at::TensorList bufs,
                     const c10::List<bool>& is_first, Lr lr, double momentum, double weight_decay, bool maximize,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
   const bool scaled = grad_scale.has_value();
-  if (!c10::InferenceMode::is_enabled()) {
-    for_each_written(params, grads, bufs, master_params, scaled, [](const at::Tensor& t, const char* name, size_t) {
-      TORCH_CHECK(!t.is_inference(), "Inplace update to inference tensor outside InferenceMode is not allowed "
-                  "(nag_step_: ", name, " holds a tensor made in inference mode). Clone it outside InferenceMode "
-                  "first, or step inside InferenceMode");
-    });
-  }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     step_op<Lr>().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, bufs, is_first, lr, momentum,

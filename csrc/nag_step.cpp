@@ -5,6 +5,7 @@
 // torch's own loop reads them, so whatever user code changes between steps is seen.
 #include <Python.h>
 
+#include <algorithm>
 #include <optional>
 #include <unordered_map>
 #include <vector>
@@ -85,10 +86,11 @@ PyObject* state_of(PyObject* state, PyObject* param, bool id_hash) {
   return st;
 }
 
-// state[key] of one param: its tensor, an undefined tensor if absent or None, or false if it is not a plain tensor
-// (a DTensor, a subclass, something else), which the Python path handles.
-bool read_state(PyObject* st, PyObject* key, at::Tensor& out) {
-  out = at::Tensor();
+// state[key] of one param: false if it is there but not a plain tensor (a DTensor, a subclass, something else), which
+// the Python path handles; else true, with `out` pointing to the tensor (owned by its Python object), or null if the
+// key is absent or None.
+bool read_state(PyObject* st, PyObject* key, const at::Tensor*& out) {
+  out = nullptr;
   if (st == nullptr) return true;
   PyObject* value = PyDict_GetItemWithError(st, key);
   if (value == nullptr) {
@@ -97,7 +99,7 @@ bool read_state(PyObject* st, PyObject* key, at::Tensor& out) {
   }
   if (value == Py_None) return true;
   if (!THPVariable_CheckExact(value)) return false;
-  out = THPVariable_Unpack(value);
+  out = &THPVariable_Unpack(value);
   return true;
 }
 
@@ -112,21 +114,21 @@ std::optional<at::Tensor> optional_tensor(PyObject* obj) {
   return THPVariable_Unpack(obj);
 }
 
-std::optional<at::TensorList> masters_of(const Call& c) {  // master weights: a keyword argument of the op
-  return c.masters.empty() ? std::nullopt : std::optional<at::TensorList>(c.masters.list());
-}
-
-// One op call, through the dispatcher (autograd's checks and version counters included).
-void run(const Call& c, at::TensorList params, at::TensorList grads, at::TensorList bufs,
-         const std::optional<at::TensorList>& masters, const std::optional<at::Tensor>& grad_scale,
-         const std::optional<at::Tensor>& found_inf) {
+// One op call, through the dispatcher (autograd's checks and version counters included). owned: the call's tensors
+// as owned handles, for a call without the GIL (else its borrowed ones).
+void run(const Call& c, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+         const std::vector<at::Tensor>* owned = nullptr) {
+  auto list = [&](const Borrowed& borrowed, int k) { return owned != nullptr ? owned[k] : borrowed.list(); };
+  const std::optional<at::TensorList> masters =
+      c.masters.empty() ? std::nullopt : std::optional<at::TensorList>(list(c.masters, 3));
   if (c.lr_tensor.has_value()) {
-    step_op<const at::Tensor&>().call(params, grads, bufs, c.first, *c.lr_tensor, c.momentum, c.weight_decay,
-                                      c.maximize, on(grad_scale, c.device), on(found_inf, c.device), masters,
-                                      c.sr_seed);
+    step_op<const at::Tensor&>().call(list(c.params, 0), list(c.grads, 1), list(c.bufs, 2), c.first, *c.lr_tensor,
+                                      c.momentum, c.weight_decay, c.maximize, on(grad_scale, c.device),
+                                      on(found_inf, c.device), masters, c.sr_seed);
   } else {
-    step_op<double>().call(params, grads, bufs, c.first, c.lr, c.momentum, c.weight_decay, c.maximize,
-                           on(grad_scale, c.device), on(found_inf, c.device), masters, c.sr_seed);
+    step_op<double>().call(list(c.params, 0), list(c.grads, 1), list(c.bufs, 2), c.first, c.lr, c.momentum,
+                           c.weight_decay, c.maximize, on(grad_scale, c.device), on(found_inf, c.device), masters,
+                           c.sr_seed);
   }
 }
 
@@ -151,6 +153,8 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
   std::vector<NewState> new_state;
   std::vector<Call> calls;
   std::unordered_map<int64_t, size_t> call_of;  // (settings key, device) -> index in calls
+  int64_t last_key = -1;
+  size_t last_call = 0;
   int id_hash = -1;  // unknown until the first param: whether hash(p) == id(p)
 
   for (Py_ssize_t g = 0; g < PyList_GET_SIZE(specs); ++g) {
@@ -189,7 +193,7 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
       }
       PyObject* st = state_of(state, obj, id_hash == 1);
       if (st != nullptr && !PyDict_CheckExact(st)) Py_RETURN_FALSE;
-      at::Tensor buf, master_param;
+      const at::Tensor *buf, *master_param = nullptr;
       if (!read_state(st, momentum_buffer_key, buf)) Py_RETURN_FALSE;
       if (master && !read_state(st, master_param_key, master_param)) Py_RETURN_FALSE;
 
@@ -201,39 +205,45 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
 #endif
       const int64_t call_key = (static_cast<int64_t>(key) << 16) | (static_cast<int64_t>(device.type()) << 8) |
                                static_cast<uint8_t>(device.index());
-      auto [it, added] = call_of.try_emplace(call_key, calls.size());
-      if (added) {
-        Call& call = calls.emplace_back();
-        call.device = device;
-        if (tensor_lr) call.lr_tensor = on(THPVariable_Unpack(lr_obj), device);
-        call.lr = lr;
-        call.momentum = momentum;
-        call.weight_decay = weight_decay;
-        call.maximize = maximize;
-        call.sr_seed = sr_seed;
+      if (call_key != last_key) {  // (most params of a group share the call of the param before)
+        auto [it, added] = call_of.try_emplace(call_key, calls.size());
+        if (added) {
+          Call& call = calls.emplace_back();
+          call.device = device;
+          if (tensor_lr) call.lr_tensor = on(THPVariable_Unpack(lr_obj), device);
+          call.lr = lr;
+          call.momentum = momentum;
+          call.weight_decay = weight_decay;
+          call.maximize = maximize;
+          call.sr_seed = sr_seed;
+        }
+        last_key = call_key;
+        last_call = it->second;
       }
-      Call& call = calls[it->second];
+      Call& call = calls[last_call];
       // As FusedNAG._gather: a new buffer is -0.0 and stepped as not-first where the step may be skipped on the
       // device (GradScaler) or replayed (capturable); else it is written by the first step.
-      call.first.push_back(!buf.defined() && !may_skip);
-      if (!buf.defined()) {
+      call.first.push_back(buf == nullptr && !may_skip);
+      if (buf == nullptr) {
         const at::ScalarType dtype = momentum_dtype.value_or(master ? at::kFloat : p.scalar_type());
-        buf = at::empty_like(p, p.options().dtype(dtype), at::MemoryFormat::Preserve);
+        at::Tensor made = at::empty_like(p, p.options().dtype(dtype), at::MemoryFormat::Preserve);
         if (may_skip) {
-          buf.fill_(p.is_complex() ? c10::Scalar(c10::complex<double>(-0.0, -0.0)) : c10::Scalar(-0.0));
+          made.fill_(p.is_complex() ? c10::Scalar(c10::complex<double>(-0.0, -0.0)) : c10::Scalar(-0.0));
         }
-        new_state.push_back({THPObjectPtr(Py_NewRef(obj)), momentum_buffer_key, buf});
-      }
-      if (master) {
-        if (!master_param.defined()) {
-          master_param = p.detach().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Preserve);
-          new_state.push_back({THPObjectPtr(Py_NewRef(obj)), master_param_key, master_param});
-        }
-        call.masters.add(master_param);
+        new_state.push_back({THPObjectPtr(Py_NewRef(obj)), momentum_buffer_key, std::move(made)});
+        buf = &new_state.back().value;  // (read at once, before new_state grows again)
       }
       call.params.add(p);
       call.grads.add(grad);
-      call.bufs.add(buf);
+      call.bufs.add(*buf);
+      if (master) {
+        if (master_param == nullptr) {
+          at::Tensor made = p.detach().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Preserve);
+          new_state.push_back({THPObjectPtr(Py_NewRef(obj)), master_param_key, std::move(made)});
+          master_param = &new_state.back().value;
+        }
+        call.masters.add(*master_param);
+      }
       call.numel += p.numel();
     }
   }
@@ -245,22 +255,21 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
     numel += c.numel;
     if (i > 0) {
       check_step(c.params.list(), c.grads.list(), c.bufs.list(), c.first, c.lr_tensor, on(grad_scale, c.device),
-                 on(found_inf, c.device), masters_of(c), c.sr_seed.has_value());
+                 on(found_inf, c.device), c.masters.empty() ? std::nullopt : std::optional(c.masters.list()),
+                 c.sr_seed.has_value());
     }
   }
   for (const Call& c : calls) {
     if (numel < kReleaseGilNumel) {
-      run(c, c.params.list(), c.grads.list(), c.bufs.list(), masters_of(c), grad_scale, found_inf);
+      run(c, grad_scale, found_inf);
       continue;
     }
     // Owned handles, released after the GIL is taken back (they are declared before the guard).
-    const std::vector<at::Tensor> params(c.params.list().begin(), c.params.list().end());
-    const std::vector<at::Tensor> grads(c.grads.list().begin(), c.grads.list().end());
-    const std::vector<at::Tensor> bufs(c.bufs.list().begin(), c.bufs.list().end());
-    const std::vector<at::Tensor> masters(c.masters.list().begin(), c.masters.list().end());
+    std::vector<at::Tensor> owned[4];
+    const Borrowed* lists[4] = {&c.params, &c.grads, &c.bufs, &c.masters};
+    for (int k = 0; k < 4; ++k) owned[k].assign(lists[k]->list().begin(), lists[k]->list().end());
     const NoGil no_gil;
-    run(c, params, grads, bufs, c.masters.empty() ? std::nullopt : std::optional<at::TensorList>(masters), grad_scale,
-        found_inf);
+    run(c, grad_scale, found_inf, owned);
   }
 
   // New state becomes state only once the kernels have written it (as in FusedNAG._step).
