@@ -1,0 +1,233 @@
+"""The step's C++ host path (csrc/nag_step.cpp) reads grads, state and param groups afresh at every step. Each test
+changes one of them between steps, as user code may, and compares with torch.optim.SGD(nesterov=True), bit for bit,
+after every step: anything remembered from an earlier step (a cache of grads, buffers, data pointers or settings)
+would fail them."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import nag_cuda.optimizer
+from nag_cuda import FusedNAG
+from nag_cuda._ops import _C
+
+SHAPES = [(37,), (5, 9), (3, 4, 5)]  # above the SIMD width, with remainders
+HYPER = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+
+
+@pytest.fixture
+def c_path_only(monkeypatch):
+    """The steps of the test must not fall back to the Python path (FusedNAG._step)."""
+    def refuse(self, careful):
+        raise AssertionError(f"FusedNAG took the Python path (careful={careful})")
+
+    monkeypatch.setattr(FusedNAG, "_step", refuse)
+
+
+def twins(shapes=SHAPES, **hyper):
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    hyper = {**HYPER, **hyper}
+    return ours, theirs, FusedNAG(ours, **hyper), torch.optim.SGD(theirs, nesterov=True, **hyper)
+
+
+def give_grads(params, step, skip=()):
+    """New grad tensors, as backward() makes after zero_grad(set_to_none=True) (the default); None for `skip`."""
+    gen = torch.Generator().manual_seed(step)
+    for i, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.grad = None if i in skip else grad
+
+
+def assert_same(ours, theirs, opt, ref):
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert torch.equal(a.detach(), b.detach()), f"param {i}"
+        buf, ref_buf = (o.state.get(p, {}).get("momentum_buffer") for o, p in ((opt, a), (ref, b)))
+        assert (buf is None) == (ref_buf is None), f"buffer {i}"
+        if buf is not None:
+            assert torch.equal(buf, ref_buf), f"buffer {i}"
+
+
+def run(edit, steps=6, skip=lambda step: (), **hyper):
+    """Steps both optimizers, calling edit(step, params, optimizer) on each before each step."""
+    ours, theirs, opt, ref = twins(**hyper)
+    for step in range(steps):
+        for params, o in ((ours, opt), (theirs, ref)):
+            give_grads(params, step, skip(step))
+            edit(step, params, o)
+            o.step()
+        assert_same(ours, theirs, opt, ref)
+    return opt
+
+
+def at(when, change):
+    return lambda step, params, opt: change(params, opt) if step == when else None
+
+
+def replace_buffer(params, opt):
+    opt.state[params[1]]["momentum_buffer"] = torch.full_like(params[1], 0.5)
+
+
+def swap_buffer_storage(params, opt):  # the same tensor object, other memory: a cached data pointer would be stale
+    buf = opt.state[params[0]]["momentum_buffer"]
+    buf.set_(torch.linspace(-1, 1, buf.numel()).view(buf.shape))
+
+
+def change_hyperparameters(params, opt):
+    opt.param_groups[0].update(lr=0.3, momentum=0.5, weight_decay=0.0, maximize=True)
+
+
+EDITS = {
+    "nothing": lambda step, params, opt: None,
+    "state entry deleted": at(3, lambda params, opt: opt.state.pop(params[0])),
+    "state entry replaced": at(3, lambda params, opt: opt.state.__setitem__(
+        params[0], {"momentum_buffer": torch.ones_like(params[0])})),
+    "buffer replaced": at(2, replace_buffer),
+    "buffer deleted": at(2, lambda params, opt: opt.state[params[1]].pop("momentum_buffer")),
+    "buffer set to None": at(2, lambda params, opt: opt.state[params[1]].__setitem__("momentum_buffer", None)),
+    "buffer changed in place": at(2, lambda params, opt: opt.state[params[2]]["momentum_buffer"].mul_(-0.5)),
+    "buffer storage swapped": at(3, swap_buffer_storage),
+    "param .data reassigned": at(2, lambda params, opt: setattr(params[1], "data", torch.linspace(0, 1, 45).view(5, 9))),
+    "param changed in place": at(4, lambda params, opt: params[0].detach().add_(1.0)),
+    "hyperparameters changed": at(2, change_hyperparameters),
+    "lr changed by a scheduler": at(1, lambda params, opt: torch.optim.lr_scheduler.MultiStepLR(opt, [0], 0.5)),
+    "param frozen": at(3, lambda params, opt: params[2].requires_grad_(False)),  # its grad still set: still updated
+}
+
+
+@pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())
+def test_edit_between_steps_matches_torch(edit, c_path_only):
+    run(edit)
+
+
+@pytest.mark.parametrize("skip", [lambda step: (1,) if step % 2 == 0 else (), lambda step: (2,) if step < 3 else (),
+                                  lambda step: (0,) if step >= 3 else ()],
+                         ids=["grad None every other step", "grad appears late", "frozen, grad None"])
+def test_grads_present_or_not_match_torch(skip, c_path_only):
+    run(lambda step, params, opt: None, skip=skip)
+
+
+def test_add_param_group_mid_run_matches_torch(c_path_only):
+    ours, theirs, opt, ref = twins()
+    extra = [torch.nn.Parameter(torch.randn(11)) for _ in range(2)]
+    extra[1].data.copy_(extra[0].detach())
+    for step in range(5):
+        if step == 2:
+            opt.add_param_group({"params": [extra[0]], "lr": 0.05})
+            ref.add_param_group({"params": [extra[1]], "lr": 0.05})
+        for params, o in ((ours + extra[:1] * (step >= 2), opt), (theirs + extra[1:] * (step >= 2), ref)):
+            give_grads(params, step)
+            o.step()
+        assert_same(ours + extra[:1], theirs + extra[1:], opt, ref)
+
+
+def test_groups_sharing_a_call_then_one_changes_lr(c_path_only):
+    """Groups with equal settings share one op call; a group whose lr changes leaves it at the next step."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = FusedNAG([{"params": [p]} for p in ours], **HYPER)
+    ref = torch.optim.SGD([{"params": [p]} for p in theirs], nesterov=True, **HYPER)
+    for step in range(5):
+        for params, o in ((ours, opt), (theirs, ref)):
+            give_grads(params, step)
+            if step == 2:
+                o.param_groups[1]["lr"] = 0.02
+            o.step()
+        assert_same(ours, theirs, opt, ref)
+
+
+def test_load_state_dict_mid_run_matches_torch(c_path_only):
+    saved = {}
+
+    def edit(step, params, opt):
+        if step == 1:
+            saved[id(opt)] = copy.deepcopy(opt.state_dict())
+        if step == 4:
+            opt.load_state_dict(saved[id(opt)])
+
+    run(edit)
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))], ids=["deepcopy", "pickle"])
+def test_copied_optimizer_steps_its_own_params(clone, c_path_only):
+    ours, theirs, opt, ref = twins()
+    for step in range(2):
+        for params, o in ((ours, opt), (theirs, ref)):
+            give_grads(params, step)
+            o.step()
+    opt, ref = clone(opt), clone(ref)
+    ours, theirs = opt.param_groups[0]["params"], ref.param_groups[0]["params"]
+    for step in range(2, 5):
+        for params, o in ((ours, opt), (theirs, ref)):
+            give_grads(params, step)
+            o.step()
+        assert_same(ours, theirs, opt, ref)
+
+
+def test_param_moved_to_another_dtype_matches_torch():
+    """The C++ path refuses the float32 buffer of a param now float64; the careful Python path converts it, as
+    load_state_dict would, and the steps go on as torch's."""
+    def edit(step, params, opt):
+        if step >= 2:
+            params[0].data = params[0].data.double() if step == 2 else params[0].data
+            params[0].grad = params[0].grad.double()
+
+    ours, theirs, opt, ref = twins()
+    for step in range(5):
+        for params, o in ((ours, opt), (theirs, ref)):
+            give_grads(params, step)
+            edit(step, params, o)
+            if step >= 2 and o is ref:  # torch casts state on load only; do what FusedNAG's careful path does
+                st = o.state[params[0]]
+                st["momentum_buffer"] = st["momentum_buffer"].double()
+            o.step()
+        assert_same(ours, theirs, opt, ref)
+    assert opt.state[ours[0]]["momentum_buffer"].dtype == torch.float64
+
+
+def test_large_step_without_the_gil_matches_torch(c_path_only):
+    """Steps over 2^20 elements release the GIL around the op and hold their tensors by owned handles."""
+    ours, theirs, opt, ref = twins(shapes=[(1 << 20,), (333,)])
+    for step in range(3):
+        for params, o in ((ours, opt), (theirs, ref)):
+            give_grads(params, step)
+            o.step()
+        assert_same(ours, theirs, opt, ref)
+
+
+def test_bad_buffer_in_a_later_group_changes_nothing(c_path_only):
+    """The C++ path checks every call before the first one writes."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = FusedNAG([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], **{**HYPER, "lr": 0.1})
+    give_grads(params, 0)
+    opt.step()
+    opt.state[params[2]]["momentum_buffer"] = torch.zeros(7)
+    before = [p.detach().clone() for p in params], [opt.state[p]["momentum_buffer"].clone() for p in params[:2]]
+    versions = [p._version for p in params]
+    with pytest.raises(AssertionError, match="Python path"):  # the C++ path raised; the careful path would run
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before[0], strict=True))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(params[:2], before[1], strict=True))
+    assert [p._version for p in params] == versions
+
+
+def test_c_path_declines_what_python_handles():
+    """Sparse grads and tensor subclasses go to the Python path, with nothing changed by the C++ one."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt = FusedNAG(emb.parameters(), lr=0.1)
+    assert _C._step([(opt.param_groups[0]["params"], 0, 0.1, 0.9, 0.0, False, None, False, False, None)],
+                    opt.state, None, None) is False
+
+    class Sub(torch.Tensor):
+        pass
+
+    p = torch.nn.Parameter(torch.randn(5)).as_subclass(Sub)
+    p.grad = torch.randn(5)
+    assert _C._step([([p], 0, 0.1, 0.9, 0.0, False, None, False, False, None)], {}, None, None) is False
+    assert nag_cuda.optimizer._C is _C
