@@ -299,14 +299,19 @@ def host_methods():
 
 
 @torch.no_grad()
-def host_per_tensor(device, counts=HOST_COUNTS, reps=15):
-    """Host µs per tensor of step(): n params of one element each, so that what a step costs is the host's work per
-    tensor (on CPU the kernels' share is a few ns per tensor). {method: {n: µs per tensor}}, medians of `reps` steps
-    interleaved across methods, on one CPU thread. "GradScaler": step() with grad_scale and found_inf set, as
-    torch.amp.GradScaler.step() sets them (the scaler's own inf check before that is the same for every optimizer)."""
+def host_per_tensor(device, counts=HOST_COUNTS, reps=15, rounds=3):
+    """Host µs per tensor of step() with n params of one element each, so that a step costs the host's work per
+    tensor (on CPU the kernels' share is a few ns per tensor); one CPU thread. {"back-to-back": {method: {n: µs}},
+    "interleaved": ...}, medians:
+      back-to-back: `reps` steps of one optimizer in a row (the issue's measurement), in `rounds` rounds that
+        alternate the methods;
+      interleaved: each step after the other methods' steps, so that it starts with their data in the caches, as a
+        step in training starts after forward and backward.
+    "GradScaler": step() with grad_scale and found_inf set, as torch.amp.GradScaler.step() sets them (the scaler's
+    own inf check before that is the same for every optimizer)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = {name: {} for name in host_methods()}
+    out = {"back-to-back": {name: {} for name in host_methods()}, "interleaved": {name: {} for name in host_methods()}}
     try:
         for n in counts:
             opts = {}
@@ -321,20 +326,59 @@ def host_per_tensor(device, counts=HOST_COUNTS, reps=15):
                 for _ in range(3):
                     opt.step()
                 opts[name] = opt
-            samples = {name: [] for name in opts}
             order = random.Random(n)
+
+            def timed(name):
+                sync(device)
+                start = time.perf_counter()
+                opts[name].step()
+                return time.perf_counter() - start
+
+            back, mixed = {name: [] for name in opts}, {name: [] for name in opts}
+            for _ in range(rounds):
+                for name in order.sample(list(opts), len(opts)):
+                    back[name] += [timed(name) for _ in range(reps)]
             for _ in range(reps):
                 for name in order.sample(list(opts), len(opts)):
-                    sync(device)
-                    start = time.perf_counter()
-                    opts[name].step()
-                    samples[name].append(time.perf_counter() - start)
+                    mixed[name].append(timed(name))
             sync(device)
-            for name, s in samples.items():
-                out[name][n] = 1e6 * statistics.median(s) / n
+            for kind, samples in (("back-to-back", back), ("interleaved", mixed)):
+                for name, seconds in samples.items():
+                    out[kind][name][n] = 1e6 * statistics.median(seconds) / n
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def host_markdown(host):
+    counts = list(next(iter(host["back-to-back"].values())))
+    lines = ["Host µs per tensor of step() (params of one element, one CPU thread; back-to-back / interleaved, see "
+             "host_per_tensor):", "",
+             "| method | " + " | ".join(f"{n} tensors" for n in counts) + " | ÷ torch fused at " + str(counts[-1]) + " |",
+             "| --- |" + " ---: |" * (len(counts) + 1)]
+    for name, row in host["back-to-back"].items():
+        mixed = host["interleaved"][name]
+        cells = [f"{row[n]:.3f} / {mixed[n]:.3f}" for n in counts]
+        fused = "torch fused GradScaler" if "GradScaler" in name else "torch fused"
+        ratio = [host[k][fused][counts[-1]] / host[k][name][counts[-1]] for k in ("back-to-back", "interleaved")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio[0]:.1f}x / {ratio[1]:.1f}x |")
+    return "\n".join(lines)
+
+
+def host_targets(host):
+    """Issue 13: at most 0.25 µs per tensor, and 8x less than torch fused, at 2000 and 10000 tensors."""
+    lines = []
+    for kind in ("back-to-back", "interleaved"):
+        for name, row in host[kind].items():
+            if not name.startswith("FusedNAG"):
+                continue
+            fused = host[kind]["torch fused GradScaler" if "GradScaler" in name else "torch fused"]
+            for n in (2000, 10000):
+                if n in row:
+                    ok = row[n] <= 0.25 and fused[n] / row[n] >= 8
+                    lines.append(f"- {'met' if ok else 'MISSED'}: {name}, {n} tensors, {kind}: {row[n]:.3f} µs per "
+                                 f"tensor (≤ 0.25), {fused[n] / row[n]:.1f}x less than torch fused (≥ 8)")
+    return lines
 
 
 def step_allocations(opt, device):
@@ -447,6 +491,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, help="interleaved rounds per set (default: 5 quick, 15 full)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where results go")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart (no matplotlib needed)")
+    parser.add_argument("--host", action="store_true", help="only the host cost per tensor (100/2000/10000 tensors)")
     args = parser.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -460,6 +505,8 @@ def main(argv=None):
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
     rounds = args.rounds or (5 if args.quick else 15)
+    if args.host:
+        return host_main(args, device)
     target_s = (0.02 if args.quick else 0.1) if device.type == "cpu" else 0.01
     torch.manual_seed(0)
 
@@ -510,7 +557,8 @@ def main(argv=None):
         del runs, data
 
     result["targets"] = target_lines(result, device.type == "cuda")
-    table = markdown(result)
+    result["host_per_tensor"] = host_per_tensor(device, counts=HOST_COUNTS[:2] if args.quick else HOST_COUNTS)
+    table = markdown(result) + "\n\n" + host_markdown(result["host_per_tensor"])
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^a-z0-9]+", "-", f"{device.type} {meta['device']} {args.dtype}".lower()).strip("-")
@@ -522,6 +570,24 @@ def main(argv=None):
         plot(result, args.out / f"{stem}.png")
         written.append(f"{stem}.png")
     print(f"\nwrote {', '.join(written)} in {args.out}")
+    return result
+
+
+def host_main(args, device):
+    """--host: the host cost per tensor alone, with the issue's targets, written next to the other results."""
+    host = host_per_tensor(device)
+    meta = dict(device=device_name(device), torch=torch.__version__, python=platform.python_version(),
+                date=datetime.date.today().isoformat(), command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]))
+    result = dict(meta=meta, host_per_tensor=host, targets=host_targets(host))
+    table = "\n".join([f"Device: {meta['device']}; torch {meta['torch']}, Python {meta['python']}, {meta['date']}",
+                       f"Command: `{meta['command']}`", "", host_markdown(host), "", "Targets (issue 13):",
+                       *result["targets"]])
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^a-z0-9]+", "-", f"{device.type} {meta['device']} host".lower()).strip("-")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    print(f"\nwrote {stem}.json, {stem}.md in {args.out}")
     return result
 
 

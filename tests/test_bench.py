@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_step  # noqa: E402
@@ -31,6 +32,17 @@ def test_bench_step_quick_runs_and_writes_results(tmp_path):
     assert json.loads(written[".json"].read_text())["meta"]["quick"] is True
     table = written[".md"].read_text()
     assert "| 1x16M |" in table and "torch foreach" in table and result["meta"]["command"] in table
+
+
+def test_host_per_tensor_reports_each_method_and_count():
+    host = bench_step.host_per_tensor(torch.device("cpu"), counts=(3, 7), reps=2, rounds=1)
+    assert set(host) == {"back-to-back", "interleaved"}
+    for rows in host.values():
+        assert set(rows) == set(bench_step.host_methods())
+        assert all(set(row) == {3, 7} and min(row.values()) > 0 for row in rows.values())
+    table = bench_step.host_markdown(host)
+    assert "| FusedNAG GradScaler |" in table and "| torch foreach |" in table
+    assert bench_step.host_targets(host) == []  # the targets are stated at 2000 and 10000 tensors only
 
 
 def test_bench_step_rejects_unknown_set():
