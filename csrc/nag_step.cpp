@@ -118,7 +118,9 @@ std::optional<at::Tensor> optional_tensor(PyObject* obj) {
 // as owned handles, for a call without the GIL (else its borrowed ones).
 void run(const Call& c, const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
          const std::vector<at::Tensor>* owned = nullptr) {
-  auto list = [&](const Borrowed& borrowed, int k) { return owned != nullptr ? owned[k] : borrowed.list(); };
+  auto list = [&](const Borrowed& borrowed, int k) {
+    return owned != nullptr ? at::TensorList(owned[k]) : borrowed.list();
+  };
   const std::optional<at::TensorList> masters =
       c.masters.empty() ? std::nullopt : std::optional<at::TensorList>(list(c.masters, 3));
   if (c.lr_tensor.has_value()) {
@@ -162,10 +164,11 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
     long key;
     double momentum, weight_decay;
     int maximize, master, may_skip;
-    if (!PyArg_ParseTuple(PyList_GET_ITEM(specs, g), "O!lOddpOppO", &PyList_Type, &params, &key, &lr_obj, &momentum,
-                          &weight_decay, &maximize, &momentum_dtype_obj, &master, &may_skip, &sr_seed_obj)) {
+    if (!PyArg_ParseTuple(PyList_GET_ITEM(specs, g), "OlOddpOppO", &params, &key, &lr_obj, &momentum, &weight_decay,
+                          &maximize, &momentum_dtype_obj, &master, &may_skip, &sr_seed_obj)) {
       return nullptr;
     }
+    if (!PyList_Check(params)) Py_RETURN_FALSE;  // (torch makes it a list; user code may have replaced it)
     const bool tensor_lr = THPVariable_Check(lr_obj);
     const double lr = tensor_lr ? 0.0 : PyFloat_AsDouble(lr_obj);
     if (!tensor_lr && PyErr_Occurred()) return nullptr;
