@@ -109,12 +109,22 @@ void check_amp_tensor(const std::optional<at::Tensor>& t, const char* name, c10:
   TORCH_CHECK(t->device() == device, "nag_step_: ", name, " is on ", t->device(), ", params on ", device);
 }
 
-}  // namespace
+// What the checks of each param need to know of its call.
+struct CallChecks {
+  c10::Device device;
+  Mode mode;
+  bool unscale;         // grads are written too (GradScaler)
+  bool inference_mode;  // (read once: a thread-local in another library costs a call per read)
+  // The (param dtype, buffer dtype) pair last found to have a kernel, which lets the next param skip the lookup.
+  at::ScalarType known_param = at::ScalarType::Undefined;
+  at::ScalarType known_buf = at::ScalarType::Undefined;
+};
 
-Mode check_call(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
-                const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
-                const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& master_params,
-                bool stochastic) {
+// The checks of a whole call (lengths, lr, GradScaler's tensors).
+CallChecks check_call(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                      const c10::List<bool>& is_first, const std::optional<at::Tensor>& lr,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::TensorList>& master_params, bool stochastic) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && bufs.size() == n && is_first.size() == n, "nag_step_: params, grads, "
               "momentum_buffers and is_first must have equal lengths, got ", n, ", ", grads.size(), ", ", bufs.size(),
@@ -123,9 +133,10 @@ Mode check_call(at::TensorList params, at::TensorList grads, at::TensorList bufs
               "have equal lengths, got ", n, " and ", master_params.has_value() ? master_params->size() : 0);
   TORCH_CHECK(!(master_params.has_value() && stochastic), "nag_step_: master_params and sr_seed exclude each other: "
               "with master weights the float32 master is updated and the param is its rounding to nearest");
+  c10::Device device(c10::kCPU);
   if (n > 0) {
     TORCH_CHECK(params[0].defined(), "nag_step_: params[0] is undefined");
-    const c10::Device device = params[0].device();
+    device = params[0].device();
     if (lr.has_value()) {  // any real dtype, as torch's SGD takes it; read as float32 or float64 (see step_impl)
       TORCH_CHECK(lr->numel() == 1 && !lr->is_complex(), "nag_step_: lr must be a one-element real tensor, got ",
                   lr->scalar_type(), " of shape ", lr->sizes());
@@ -134,42 +145,41 @@ Mode check_call(at::TensorList params, at::TensorList grads, at::TensorList bufs
     check_amp_tensor(grad_scale, "grad_scale", device);
     check_amp_tensor(found_inf, "found_inf", device);
   }
-  return mode_of(master_params, stochastic);
+  return CallChecks{device, mode_of(master_params, stochastic), grad_scale.has_value(),
+                    c10::InferenceMode::is_enabled()};
 }
-
-namespace {
 
 bool no_overlap(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() || at::has_internal_overlap(t) != at::MemOverlap::Yes;
 }
 
-}  // namespace
-
+// The checks of params[i] with its grad, buffer and master (or null); returns the kind of kernel that updates it.
 Kind check_tensors(const at::Tensor& p, const at::Tensor& grad, const at::Tensor& buf, const at::Tensor* master,
-                   size_t i, bool unscale, Mode mode, c10::Device device, KindMemo& memo) {
+                   size_t i, CallChecks& call) {
   TORCH_CHECK(p.defined(), "nag_step_: params[", i, "] is undefined");
-  TORCH_CHECK(p.device() == device, "nag_step_: params[", i, "] is on ", p.device(), ", params[0] on ", device,
-              "; call once per device");
+  TORCH_CHECK(p.device() == call.device, "nag_step_: params[", i, "] is on ", p.device(), ", params[0] on ",
+              call.device, "; call once per device");
   TORCH_CHECK(p.layout() == at::kStrided, "nag_step_: params[", i, "] has layout ", p.layout());
   check_tensor(grad, "grads", i, p, p.scalar_type());
   TORCH_CHECK(buf.defined(), "nag_step_: momentum_buffers[", i, "] is undefined");
   check_tensor(buf, "momentum_buffers", i, p, buf.scalar_type());
-  Kind kind{Dtype::kFloat, Dtype::kFloat, mode};
-  if (memo.param == p.scalar_type() && memo.buf == buf.scalar_type() && !p.is_complex()) {
+  Kind kind{Dtype::kFloat, Dtype::kFloat, call.mode};
+  if (call.known_param == p.scalar_type() && call.known_buf == buf.scalar_type() && !p.is_complex()) {
     kind.param = to_dtype(p.scalar_type(), i);
     kind.buf = to_dtype(buf.scalar_type(), i);
   } else {
-    kind = kind_of(p, buf, mode, i);
-    memo = {p.scalar_type(), buf.scalar_type()};
+    kind = kind_of(p, buf, call.mode, i);
+    call.known_param = p.scalar_type();
+    call.known_buf = buf.scalar_type();
   }
   if (master != nullptr) check_tensor(*master, "master_params", i, p, at::kFloat);
   TORCH_CHECK(no_overlap(p) && no_overlap(buf) && (master == nullptr || no_overlap(*master)), "nag_step_: params[",
               i, "], momentum_buffers[", i, "] or master_params[", i, "] has overlapping memory (e.g. expand())");
-  TORCH_CHECK(!unscale || no_overlap(grad), "nag_step_: grads[", i, "] has overlapping memory, and grad_scale "
+  TORCH_CHECK(!call.unscale || no_overlap(grad), "nag_step_: grads[", i, "] has overlapping memory, and grad_scale "
               "means it is unscaled in place");
   // As torch's in-place ops: an inference tensor cannot be updated outside inference mode.
-  if (!c10::InferenceMode::is_enabled()) {
-    const at::Tensor* written[] = {&p, &buf, master, unscale ? &grad : nullptr};
+  if (!call.inference_mode) {
+    const at::Tensor* written[] = {&p, &buf, master, call.unscale ? &grad : nullptr};
     const char* names[] = {"params", "momentum_buffers", "master_params", "grads"};
     for (int k = 0; k < 4; ++k) {
       TORCH_CHECK(written[k] == nullptr || !written[k]->is_inference(), "Inplace update to inference tensor outside "
@@ -180,15 +190,15 @@ Kind check_tensors(const at::Tensor& p, const at::Tensor& grad, const at::Tensor
   return kind;
 }
 
+}  // namespace
+
 void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
                 const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& master_params,
                 bool stochastic) {
-  const Mode mode = check_call(params, grads, bufs, is_first, lr, grad_scale, found_inf, master_params, stochastic);
-  KindMemo memo;
+  CallChecks call = check_call(params, grads, bufs, is_first, lr, grad_scale, found_inf, master_params, stochastic);
   for (size_t i = 0; i < params.size(); ++i) {
-    check_tensors(params[i], grads[i], bufs[i], master_params.has_value() ? &(*master_params)[i] : nullptr, i,
-                  grad_scale.has_value(), mode, params[0].device(), memo);
+    check_tensors(params[i], grads[i], bufs[i], master_params.has_value() ? &(*master_params)[i] : nullptr, i, call);
   }
 }
 
@@ -201,11 +211,11 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
   const size_t n = params.size();
-  const Mode mode = check_call(params, grads, bufs, is_first,
+  CallChecks call = check_call(params, grads, bufs, is_first,
                                lr_tensor != nullptr ? std::optional<at::Tensor>(*lr_tensor) : std::nullopt,
                                grad_scale, found_inf, master_params, sr_seed.has_value());
   if (n == 0) return;
-  const c10::Device device = params[0].device();
+  const c10::Device device = call.device;
   // The kernels read a float32 or float64 lr; any other dtype (bfloat16, an integer) is converted to float64, exactly.
   at::Tensor lr_value;
   if (lr_tensor != nullptr) {
@@ -217,13 +227,12 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   std::vector<at::Tensor> keep_alive;
   std::array<Group, 16> groups;  // one per (param dtype, buffer dtype)
-  KindMemo memo;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor* p = &params[i];
     const at::Tensor* g = &grads[i];
     const at::Tensor* b = &bufs[i];
     const at::Tensor* m = master_params.has_value() ? &(*master_params)[i] : nullptr;
-    const Kind kind = check_tensors(*p, *g, *b, m, i, grad_scale.has_value(), mode, device, memo);
+    const Kind kind = check_tensors(*p, *g, *b, m, i, call);
     if (p->numel() == 0) continue;
     // The common case (dense, real) reads the tensors where they are, with no copies of the Tensor handles.
     if (!same_dense_layout(*p, *g, *b, m) || p->is_complex()) {
