@@ -2,22 +2,32 @@
 
     python examples/train.py                  # the article's CNN on scikit-learn's bundled 8x8 digits, FusedNAG, CPU
     python examples/train.py --compare        # SGD, SGD+momentum, torch SGD-nesterov and FusedNAG, same seed
-    python examples/train.py --dataset mnist --data-dir DIR   # MNIST files already in DIR (torchvision's reader)
+    python examples/train.py --dataset fashion-mnist   # 70,000 28x28 images (Debian: apt-get install dataset-fashion-mnist)
+    python examples/train.py --dataset mnist --data-dir DIR   # MNIST's four idx files already in DIR
     python examples/train.py --multi_gpu      # data-parallel through torchrun: NCCL on GPUs, gloo (2 processes) on CPU
 
+The article's command lines run as written, e.g.
+    python examples/train.py --model cnn --num_epochs 1 --learning_rate 0.01 --Momentum 0.9 --use_cuda False \
+        --batch_size 64 --multi_gpu False --image_size 28 --train_only False
+
 Every run writes metrics.csv, metrics.json and curves.png (and compare.md with --compare) to --out, by default a new
-folder under runs/. No data is downloaded: digits ship inside scikit-learn, and MNIST is read from --data-dir.
+folder under runs/. No data is downloaded: digits ship inside scikit-learn, and (Fashion-)MNIST is read from its idx
+files in --data-dir.
 """
 
 import argparse
 import csv
 import datetime
+import gzip
 import json
+import math
 import os
+import struct
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,6 +38,7 @@ from nag_cuda import FusedNAG
 
 OPTIMIZERS = ["fusednag", "sgd-nesterov", "sgd-momentum", "sgd"]
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts its files
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
@@ -45,28 +56,65 @@ def digits():
     return TensorDataset((x[train] - mean) / std, y[train]), TensorDataset((x[test] - mean) / std, y[test])
 
 
-def mnist(data_dir: Path):
-    """MNIST from files already on disk, read by torchvision; never downloads."""
-    raw = data_dir / "MNIST" / "raw"
-    missing = [name for name in MNIST_FILES if not (raw / name).exists()]
-    if missing:
-        sys.exit(
-            f"train.py: MNIST files missing in {raw}: {', '.join(missing)}.\n"
-            f"Expected the four uncompressed files {', '.join(MNIST_FILES)} in {raw}/ (gunzip the .gz files).\n"
-            "This script does not download. On a machine with network access, run\n"
-            "  python -c \"import torchvision; torchvision.datasets.MNIST('DIR', download=True)\"\n"
-            "then copy DIR/MNIST to the --data-dir given here."
-        )
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file of unsigned bytes (MNIST's format), gzipped or not, as an array of the shape its header gives."""
     try:
-        from torchvision.datasets import MNIST
-    except Exception as error:  # torchvision can fail to import with other errors than ImportError
-        sys.exit(f"train.py: --dataset mnist uses torchvision's MNIST reader, and torchvision does not import: {error}")
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:  # a truncated or corrupt .gz file
+        raise ValueError(f"{path}: cannot be read: {error}") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path}: not an idx file of unsigned bytes (it starts with {data[:4].hex()}, "
+                         "expected 000008 and the number of dimensions)")
+    header = 4 + 4 * data[3]
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated: {len(data)} bytes, shorter than its own header")
+    shape = struct.unpack(f">{data[3]}I", data[4:header])
+    if len(data) != header + math.prod(shape):
+        raise ValueError(f"{path}: {len(data) - header} bytes of data, but its header says {shape} "
+                         f"({math.prod(shape)} bytes): truncated or not one file")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def idx_dataset(name: str, data_dir: Path):
+    """MNIST or Fashion-MNIST from its four idx files (gzipped or not) in data_dir, or in data_dir/MNIST/raw where
+    torchvision keeps them; normalised with the training set's mean and std. Never downloads."""
+    files = {}
+    for base in MNIST_FILES:
+        for candidate in (folder / f"{base}{ext}" for folder in (data_dir, data_dir / "MNIST" / "raw")
+                          for ext in ("", ".gz")):
+            if candidate.is_file():
+                files[base] = candidate
+                break
+    missing = [base for base in MNIST_FILES if base not in files]
+    if missing:
+        where = ("Debian and Ubuntu package them: apt-get install dataset-fashion-mnist (into "
+                 f"{FASHION_MNIST_DIR}); or take them from github.com/zalandoresearch/fashion-mnist"
+                 if name == "fashion-mnist" else
+                 "they come from yann.lecun.com/exdb/mnist or torchvision.datasets.MNIST(DIR, download=True), which "
+                 "puts them in DIR/MNIST/raw")
+        sys.exit(f"train.py: --dataset {name}: missing in {data_dir}: {', '.join(missing)} (or the same with .gz).\n"
+                 f"The four files are {', '.join(MNIST_FILES)}; {where}. This script does not download.")
+    try:
+        arrays = [read_idx(files[base]) for base in MNIST_FILES]
+    except ValueError as error:
+        sys.exit(f"train.py: --dataset {name}: {error}")
     sets = []
-    for train in (True, False):
-        ds = MNIST(str(data_dir), train=train, download=False)
-        x = (ds.data.float().unsqueeze(1) / 255.0 - 0.1307) / 0.3081
-        sets.append(TensorDataset(x, ds.targets))
-    return tuple(sets)
+    for images, labels in (arrays[:2], arrays[2:]):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            sys.exit(f"train.py: --dataset {name}: images {images.shape} and labels {labels.shape} do not match "
+                     "(expected N x H x W images and N labels)")
+        sets.append((torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255.0, torch.tensor(labels).long()))
+    mean, std = sets[0][0].mean(), sets[0][0].std()
+    return tuple(TensorDataset((x - mean) / std, y) for x, y in sets)
+
+
+def resized(dataset: TensorDataset, size: int) -> TensorDataset:
+    """--image_size: the images resized to size x size once, before training (bilinear, antialiased)."""
+    x, y = dataset.tensors
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return dataset
+    return TensorDataset(nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True), y)
 
 
 # --- models ---------------------------------------------------------------------------------------------------------
@@ -85,6 +133,11 @@ def mlp(size):
                          nn.Linear(128, 10))
 
 
+def article_mlp(size):
+    """The article's digit classifier: 784 (size x size) inputs, 128 ReLU units, dropout 0.2, 10 outputs."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(size * size, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10))
+
+
 def resnet18(size):
     import torchvision
 
@@ -94,7 +147,7 @@ def resnet18(size):
     return model
 
 
-MODELS = {"cnn": cnn, "mlp": mlp, "resnet18": resnet18}
+MODELS = {"cnn": cnn, "mlp": mlp, "article-mlp": article_mlp, "resnet18": resnet18}
 
 
 def make_optimizer(name, params, args):
@@ -153,13 +206,14 @@ def train(name, args, train_set, test_set, device, rank, world):
             dist.all_reduce(totals)
             totals = totals.cpu()
         seconds = time.perf_counter() - start
-        test_loss, test_acc = evaluate(model, test_set, device)
+        test_loss, test_acc = (None, None) if args.train_only else evaluate(model, test_set, device)
         row = dict(optimizer=name, epoch=epoch, train_loss=(totals[0] / totals[2]).item(),
                    train_acc=(totals[1] / totals[2]).item(), test_loss=test_loss, test_acc=test_acc, seconds=seconds)
         history.append(row)
         if rank == 0:
+            test = "no test set (--train_only)" if args.train_only else f"test {100 * test_acc:.2f}%"
             print(f"[{name}] epoch {epoch}/{args.num_epochs}  loss {row['train_loss']:.4f}  "
-                  f"train {100 * row['train_acc']:.2f}%  test {100 * test_acc:.2f}%  {seconds:.2f} s", flush=True)
+                  f"train {100 * row['train_acc']:.2f}%  {test}  {seconds:.2f} s", flush=True)
     return history
 
 
@@ -169,7 +223,8 @@ def table(histories):
     lines = ["| optimizer | test accuracy | train loss | s/epoch |", "| --- | ---: | ---: | ---: |"]
     for name, rows in histories.items():
         per_epoch = sum(r["seconds"] for r in rows) / len(rows)
-        lines.append(f"| {name} | {100 * rows[-1]['test_acc']:.2f}% | {rows[-1]['train_loss']:.4f} | {per_epoch:.2f} |")
+        test = "not measured (--train_only)" if rows[-1]["test_acc"] is None else f"{100 * rows[-1]['test_acc']:.2f}%"
+        lines.append(f"| {name} | {test} | {rows[-1]['train_loss']:.4f} | {per_epoch:.2f} |")
     return "\n".join(lines)
 
 
@@ -187,9 +242,11 @@ def plot(histories, title, path):
         style = dict(label=name, marker="x" if nesterov else "o", linestyle="--" if nesterov else "-",
                      zorder=3 if nesterov else 2)
         left.plot(epochs, [r["train_loss"] for r in rows], **style)
-        right.plot(epochs, [100 * r["test_acc"] for r in rows], **style)
+        train_only = rows[-1]["test_acc"] is None
+        right.plot(epochs, [100 * r["train_acc" if train_only else "test_acc"] for r in rows], **style)
     left.set(xlabel="epoch", ylabel="train loss", yscale="log")
-    right.set(xlabel="epoch", ylabel="test accuracy (%)")
+    right.set(xlabel="epoch", ylabel="train accuracy (%), no test set: --train_only" if train_only
+              else "test accuracy (%)")
     for ax in (left, right):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.legend()
@@ -210,7 +267,8 @@ def write_outputs(out: Path, args, device, histories, world):
                 processes=world, torch=torch.__version__, command=" ".join(["python"] + sys.argv),
                 date=datetime.datetime.now().isoformat(timespec="seconds"))
     (out / "metrics.json").write_text(json.dumps(dict(meta, history=histories), indent=2) + "\n")
-    title = f"{args.model} on {args.dataset}, {device.type}" + (f" x{world}" if world > 1 else "")
+    title = (f"{args.model} on {args.dataset}" + (f" at {args.image_size}x{args.image_size}" if args.image_size else "")
+             + f", {device.type}" + (f" x{world}" if world > 1 else "") + (", train only" if args.train_only else ""))
     plot(histories, title, out / "curves.png")
     written = ["metrics.csv", "metrics.json", "curves.png"]
     if args.compare:
@@ -230,22 +288,37 @@ def positive(kind):
     return parse
 
 
+def boolean(text):
+    """The article's `--use_cuda False`: true/false, 1/0, yes/no, in any case."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true/false, 1/0 or yes/no, got {text!r}")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=list(MODELS), default="cnn")
-    parser.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="holds MNIST/raw/ for --dataset mnist")
+    parser.add_argument("--model", choices=list(MODELS), default="cnn",
+                        help="article-mlp: the article's 784-128-10 classifier with dropout 0.2")
+    parser.add_argument("--dataset", choices=["digits", "mnist", "fashion-mnist"], default="digits")
+    parser.add_argument("--data-dir", type=Path,
+                        help=f"holds the four idx files (default: {FASHION_MNIST_DIR} for fashion-mnist, data for mnist)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="fusednag")
     parser.add_argument("--compare", action="store_true", help="run every optimizer and write a comparison")
     parser.add_argument("--num_epochs", type=positive(int), default=5)
     parser.add_argument("--learning_rate", type=positive(float), default=0.05)
-    parser.add_argument("--momentum", type=positive(float), default=0.9, help="for every optimizer except sgd")
+    parser.add_argument("--momentum", "--Momentum", type=positive(float), default=0.9,
+                        help="for every optimizer except sgd")
     parser.add_argument("--weight_decay", type=float, default=0.0)
     parser.add_argument("--batch_size", type=positive(int), default=64)
+    parser.add_argument("--image_size", type=positive(int), help="resize the images to N x N (default: as stored)")
+    parser.add_argument("--train_only", nargs="?", const=True, default=False, type=boolean,
+                        help="no test-set evaluation (a value is optional: --train_only, --train_only true)")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                         help="auto: CUDA when available, else CPU with a warning")
-    parser.add_argument("--use_cuda", action="store_true", help="the same as --device cuda")
-    parser.add_argument("--multi_gpu", action="store_true",
+    parser.add_argument("--use_cuda", nargs="?", const=True, default=False, type=boolean,
+                        help="the same as --device cuda (a value is optional: --use_cuda, --use_cuda False)")
+    parser.add_argument("--multi_gpu", nargs="?", const=True, default=False, type=boolean,
                         help="data-parallel over all GPUs (or 2 CPU processes) through torchrun")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
@@ -254,6 +327,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.weight_decay < 0:
         parser.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if args.data_dir is None:
+        args.data_dir = FASHION_MNIST_DIR if args.dataset == "fashion-mnist" else Path("data")
     if args.use_cuda:
         args.device = "cuda"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -299,7 +374,9 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
     try:
-        train_set, test_set = digits() if args.dataset == "digits" else mnist(args.data_dir)
+        train_set, test_set = digits() if args.dataset == "digits" else idx_dataset(args.dataset, args.data_dir)
+        if args.image_size:
+            train_set, test_set = resized(train_set, args.image_size), resized(test_set, args.image_size)
         names = OPTIMIZERS[::-1] if args.compare else [args.optimizer]
         histories = {name: train(name, args, train_set, test_set, device, rank, world) for name in names}
         if rank == 0:
