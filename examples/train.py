@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from nag_cuda import FusedNAG
 
-OPTIMIZERS = ["fusednag", "sgd-nesterov", "sgd-momentum", "sgd"]
+# sgd-nesterov is torch's for-loop; -foreach and -fused are its other two modes, the same math, for timing step().
+OPTIMIZERS = ["fusednag", "sgd-nesterov", "sgd-momentum", "sgd", "sgd-nesterov-foreach", "sgd-nesterov-fused"]
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts its files
 
@@ -155,7 +156,8 @@ def make_optimizer(name, params, args):
         return FusedNAG(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
     momentum = 0.0 if name == "sgd" else args.momentum
     return torch.optim.SGD(params, lr=args.learning_rate, momentum=momentum, weight_decay=args.weight_decay,
-                           nesterov=name == "sgd-nesterov")
+                           nesterov=name.startswith("sgd-nesterov"), foreach=name.endswith("-foreach"),
+                           fused=True if name.endswith("-fused") else None)
 
 
 # --- training -------------------------------------------------------------------------------------------------------
@@ -168,20 +170,20 @@ def evaluate(model, data, device):
     return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def train(name, args, train_set, test_set, device, rank, world):
+def train(name, args, train_set, test_set, device, rank, world, seed):
     """One optimizer's run: a list of per-epoch metrics (the same on every rank)."""
-    torch.manual_seed(args.seed)  # the same initial model and dropout masks for every optimizer
+    torch.manual_seed(seed)  # the same initial model and dropout masks for every optimizer
     model = MODELS[args.model](train_set.tensors[0].shape[-1]).to(device)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(name, model.parameters(), args)
     if world > 1:
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=args.seed)
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=seed)
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)
     else:
         sampler = None
         loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(args.seed))
+                            generator=torch.Generator().manual_seed(seed))
     history = []
     for epoch in range(1, args.num_epochs + 1):
         if sampler is not None:
@@ -189,6 +191,7 @@ def train(name, args, train_set, test_set, device, rank, world):
         model.train()
         start = time.perf_counter()
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        step_seconds = 0.0  # in optimizer.step(): what the optimizer costs inside training (host time on CUDA)
         batches = tqdm(loader, desc=f"{name} epoch {epoch}/{args.num_epochs}", leave=False, disable=rank != 0,
                        total=min(len(loader), args.max_batches or len(loader)))
         for i, (x, y) in enumerate(batches):
@@ -199,7 +202,9 @@ def train(name, args, train_set, test_set, device, rank, world):
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, y)
             loss.backward()
+            step_start = time.perf_counter()
             opt.step()
+            step_seconds += time.perf_counter() - step_start
             totals += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)])
         if world > 1:  # every rank saw its own shard
             totals = totals.to(device)
@@ -207,8 +212,9 @@ def train(name, args, train_set, test_set, device, rank, world):
             totals = totals.cpu()
         seconds = time.perf_counter() - start
         test_loss, test_acc = (None, None) if args.train_only else evaluate(model, test_set, device)
-        row = dict(optimizer=name, epoch=epoch, train_loss=(totals[0] / totals[2]).item(),
-                   train_acc=(totals[1] / totals[2]).item(), test_loss=test_loss, test_acc=test_acc, seconds=seconds)
+        row = dict(optimizer=name, seed=seed, epoch=epoch, train_loss=(totals[0] / totals[2]).item(),
+                   train_acc=(totals[1] / totals[2]).item(), test_loss=test_loss, test_acc=test_acc, seconds=seconds,
+                   step_seconds=step_seconds)
         history.append(row)
         if rank == 0:
             test = "no test set (--train_only)" if args.train_only else f"test {100 * test_acc:.2f}%"
@@ -219,31 +225,55 @@ def train(name, args, train_set, test_set, device, rank, world):
 
 # --- output ---------------------------------------------------------------------------------------------------------
 
+def by_seed(rows):
+    seeds = {}
+    for row in rows:
+        seeds.setdefault(row["seed"], []).append(row)
+    return list(seeds.values())
+
+
 def table(histories):
-    lines = ["| optimizer | test accuracy | train loss | s/epoch |", "| --- | ---: | ---: | ---: |"]
+    """Final-epoch numbers per optimizer; over several seeds, the mean and the range (min–max)."""
+    lines = ["| optimizer | test accuracy | train loss | s/epoch | share in step() |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for name, rows in histories.items():
+        last = [runs[-1] for runs in by_seed(rows)]
+
+        def spread(key, scale=1.0, digits=2, unit=""):
+            values = [scale * r[key] for r in last]
+            mean = f"{sum(values) / len(values):.{digits}f}{unit}"
+            return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+        test = "not measured (--train_only)" if last[0]["test_acc"] is None else spread("test_acc", 100, unit="%")
         per_epoch = sum(r["seconds"] for r in rows) / len(rows)
-        test = "not measured (--train_only)" if rows[-1]["test_acc"] is None else f"{100 * rows[-1]['test_acc']:.2f}%"
-        lines.append(f"| {name} | {test} | {rows[-1]['train_loss']:.4f} | {per_epoch:.2f} |")
+        share = sum(r["step_seconds"] for r in rows) / sum(r["seconds"] for r in rows)
+        lines.append(f"| {name} | {test} | {spread('train_loss', digits=4)} | {per_epoch:.2f} | {100 * share:.1f}% |")
     return "\n".join(lines)
 
 
 def plot(histories, title, path):
+    """Train loss and test accuracy per epoch; over several seeds, the mean with the min–max range shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    train_only = False
     for name, rows in histories.items():
-        epochs = [r["epoch"] for r in rows]
+        runs = by_seed(rows)
+        epochs = [r["epoch"] for r in runs[0]]
+        train_only = runs[0][-1]["test_acc"] is None
         # torch's Nesterov SGD is drawn dashed on top: where FusedNAG matches it, both show.
-        nesterov = name == "sgd-nesterov"
+        nesterov = name.startswith("sgd-nesterov")
         style = dict(label=name, marker="x" if nesterov else "o", linestyle="--" if nesterov else "-",
                      zorder=3 if nesterov else 2)
-        left.plot(epochs, [r["train_loss"] for r in rows], **style)
-        train_only = rows[-1]["test_acc"] is None
-        right.plot(epochs, [100 * r["train_acc" if train_only else "test_acc"] for r in rows], **style)
+        for ax, key, scale in ((left, "train_loss", 1), (right, "train_acc" if train_only else "test_acc", 100)):
+            values = [[scale * run[e][key] for run in runs] for e in range(len(epochs))]
+            line, = ax.plot(epochs, [sum(v) / len(v) for v in values], **style)
+            if len(runs) > 1:
+                ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], alpha=0.15,
+                                color=line.get_color())
     left.set(xlabel="epoch", ylabel="train loss", yscale="log")
     right.set(xlabel="epoch", ylabel="train accuracy (%), no test set: --train_only" if train_only
               else "test accuracy (%)")
@@ -272,7 +302,9 @@ def write_outputs(out: Path, args, device, histories, world):
     plot(histories, title, out / "curves.png")
     written = ["metrics.csv", "metrics.json", "curves.png"]
     if args.compare:
-        (out / "compare.md").write_text(f"{title}, {args.num_epochs} epochs, seed {args.seed}\n\n{table(histories)}\n")
+        seeds = ", ".join(str(seed) for seed in args.seeds)
+        (out / "compare.md").write_text(f"{title}, {args.num_epochs} epochs, seed{'s' * (len(args.seeds) > 1)} "
+                                        f"{seeds}\n\n{table(histories)}\n")
         written.append("compare.md")
     print(f"wrote {', '.join(written)} in {out}")
 
@@ -321,12 +353,15 @@ def parse_args(argv):
     parser.add_argument("--multi_gpu", nargs="?", const=True, default=False, type=boolean,
                         help="data-parallel over all GPUs (or 2 CPU processes) through torchrun")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", help="several seeds in one run: each optimizer runs once per "
+                        "seed, and the table and plot show the mean and range (default: --seed alone)")
     parser.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     parser.add_argument("--max-batches", type=positive(int), help="stop each epoch after this many batches (smoke runs)")
     args = parser.parse_args(argv)
     if args.weight_decay < 0:
         parser.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    args.seeds = args.seeds or [args.seed]
     if args.data_dir is None:
         args.data_dir = FASHION_MNIST_DIR if args.dataset == "fashion-mnist" else Path("data")
     if args.use_cuda:
@@ -377,8 +412,10 @@ def main(argv=None):
         train_set, test_set = digits() if args.dataset == "digits" else idx_dataset(args.dataset, args.data_dir)
         if args.image_size:
             train_set, test_set = resized(train_set, args.image_size), resized(test_set, args.image_size)
-        names = OPTIMIZERS[::-1] if args.compare else [args.optimizer]
-        histories = {name: train(name, args, train_set, test_set, device, rank, world) for name in names}
+        names = OPTIMIZERS[3::-1] + OPTIMIZERS[4:] if args.compare else [args.optimizer]
+        histories = {name: [row for seed in args.seeds for row in train(name, args, train_set, test_set, device, rank,
+                                                                        world, seed)]
+                     for name in names}
         if rank == 0:
             if args.compare:
                 print("\n" + table(histories))

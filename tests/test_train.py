@@ -44,12 +44,23 @@ def test_each_model_and_optimizer_learns_and_writes_files(tmp_path, model, optim
 
 def test_compare_fusednag_matches_torch_nesterov(tmp_path):
     histories = run(tmp_path, "--compare")
-    assert list(histories) == ["sgd", "sgd-momentum", "sgd-nesterov", "fusednag"]
+    assert list(histories) == ["sgd", "sgd-momentum", "sgd-nesterov", "fusednag", "sgd-nesterov-foreach",
+                               "sgd-nesterov-fused"]
     for ours, theirs in zip(histories["fusednag"], histories["sgd-nesterov"], strict=True):
         for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
             assert ours[key] == theirs[key], key  # bit-identical fp32 math, same seed and data order
     table = (tmp_path / "out" / "compare.md").read_text()
-    assert all(f"| {name} |" in table for name in train.OPTIMIZERS)
+    assert all(f"| {name} |" in table for name in train.OPTIMIZERS) and "share in step()" in table
+    assert all(0 < row["step_seconds"] < row["seconds"] for rows in histories.values() for row in rows)
+
+
+def test_several_seeds_give_mean_and_range(tmp_path):
+    histories = run(tmp_path, "--compare", "--seeds", "0", "1", "--num_epochs", "2")
+    for rows in histories.values():
+        assert [(r["seed"], r["epoch"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "seeds 0, 1" in table and "–" in table  # mean (min–max)
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
 
 
 def test_refuses_to_overwrite(tmp_path, capsys):
