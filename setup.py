@@ -8,11 +8,26 @@ TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0+PTX": A100, H
 """
 
 import os
+import sys
 from pathlib import Path
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as error:
+    # pip's default build isolation runs this file in a fresh environment that has only setuptools: the torch the
+    # extension must be built against (and later loaded with) is not there.
+    isolated = any("pip-build-env" in path for path in sys.path)
+    raise SystemExit(
+        f"nag_cuda: cannot import torch ({error}). nag_cuda compiles against the torch of the environment it is "
+        "installed into, so it must be built there:\n"
+        "    pip install --no-build-isolation .\n"
+        + ("(plain `pip install .` builds in an isolated environment that has no torch; torch is deliberately not a "
+           "build requirement, since pip would then build against a different torch than the one you run.)"
+           if isolated else "Install torch first (https://pytorch.org/get-started/), then run the command above.")
+    ) from None
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
