@@ -1,13 +1,16 @@
 """Builds nag_cuda._C against the torch that is already installed (pip install --no-build-isolation .).
 
 CUDA or CPU build is decided from torch and the toolkit, never from whether a GPU is visible:
-  NAG_CUDA_BUILD=1  CUDA build (fails if torch has no CUDA or nvcc is missing)
+  NAG_CUDA_BUILD=1  CUDA build, or an error that says why it cannot be one
   NAG_CUDA_BUILD=0  CPU build
-  unset             CUDA build when torch.version.cuda is set and nvcc is found (CUDA_HOME), else CPU build
+  unset             CUDA build when torch is a CUDA build and a toolkit of the same CUDA major version with its runtime
+                    library is found (CUDA_HOME), else a CPU build, with the reason printed
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0+PTX": A100, H100, and PTX for newer GPUs).
 """
 
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,17 +35,72 @@ except ImportError as error:
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
-def want_cuda() -> bool:
+def nvcc_version(cuda_home) -> str | None:
+    """nvcc's CUDA release ("13.0"), or None where it does not run."""
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found.group(1) if found else None
+
+
+def cudart_dir(cuda_home, build_dir=Path("build") / "cudart", fallbacks=("/usr/local/cuda",)) -> str | None:
+    """A folder from which the linker's -lcudart finds the CUDA runtime: the toolkit's lib64, lib or targets/*/lib
+    (torch's helpers look in lib64 only), else torch's nvidia-cuda-runtime wheel, whose versioned libcudart.so.N gets
+    an unversioned link in build_dir. None if there is none."""
+    homes = [cuda_home, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *fallbacks]
+    folders = []
+    for home in dict.fromkeys(h for h in homes if h):
+        folders += [Path(home) / "lib64", Path(home) / "lib", *sorted(Path(home).glob("targets/*/lib"))]
+    for folder in folders:
+        if (folder / "libcudart.so").exists():
+            return str(folder)
+    try:
+        import nvidia.cuda_runtime
+
+        versioned = sorted(Path(next(iter(nvidia.cuda_runtime.__path__))).glob("lib/libcudart.so.*"))
+    except (ImportError, StopIteration):
+        versioned = []
+    if versioned:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        link = build_dir / "libcudart.so"
+        link.unlink(missing_ok=True)
+        link.symlink_to(versioned[-1].resolve())
+        return str(build_dir.resolve())
+    return None
+
+
+def cuda_build(cuda_home=None, torch_cuda=None) -> tuple[bool, str, str | None]:
+    """(whether to build the CUDA kernel, why, the folder of libcudart). NAG_CUDA_BUILD=1 turns every reason not to
+    into an error that says it, rather than a compiler or linker error later."""
     forced = os.environ.get("NAG_CUDA_BUILD")
-    can = torch.version.cuda is not None and CUDA_HOME is not None
     if forced not in (None, "", "0", "1"):
         raise SystemExit(f"NAG_CUDA_BUILD must be 0 or 1, got {forced!r}")
-    if forced == "1" and not can:
-        raise SystemExit(
-            f"NAG_CUDA_BUILD=1 but torch.version.cuda={torch.version.cuda} and CUDA_HOME={CUDA_HOME}: "
-            "a CUDA build needs a CUDA build of torch and nvcc"
-        )
-    return can if forced in (None, "") else forced == "1"
+    if forced == "0":
+        return False, "NAG_CUDA_BUILD=0", None
+    reason, library = None, None
+    if torch_cuda is None:
+        reason = f"this torch ({torch.__version__}) is not a CUDA build"
+    elif cuda_home is None:
+        reason = "no CUDA toolkit was found (nvcc on the PATH, or CUDA_HOME)"
+    else:
+        release = nvcc_version(cuda_home)
+        library = cudart_dir(cuda_home)
+        if release is None:
+            reason = f"{Path(cuda_home) / 'bin' / 'nvcc'} does not run"
+        elif release.split(".")[0] != torch_cuda.split(".")[0]:
+            reason = (f"nvcc is CUDA {release} but torch was built with CUDA {torch_cuda}: their major versions must "
+                      "match (point CUDA_HOME at a matching toolkit)")
+        elif library is None:
+            reason = (f"no libcudart.so in {cuda_home}/lib64, lib or targets/*/lib, nor in the nvidia-cuda-runtime "
+                      "wheel (set CUDA_HOME to the toolkit's folder)")
+    if reason is not None:
+        if forced == "1":
+            raise SystemExit(f"NAG_CUDA_BUILD=1, but {reason}")
+        return False, reason, None
+    return True, f"CUDA {torch_cuda}, nvcc in {cuda_home}", library
 
 
 def extension():
@@ -54,17 +112,19 @@ def extension():
     # -fno-trapping-math lets gcc turn the math's selects into vector blends (the kernel never reads FP flags).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     common = dict(name="nag_cuda._C", include_dirs=[str(csrc.resolve())], extra_link_args=["-fopenmp"])
-    if want_cuda():
+    cuda, why, library = cuda_build(CUDA_HOME, torch.version.cuda)
+    if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        print(f"nag_cuda: CUDA build (CUDA {torch.version.cuda}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
+        print(f"nag_cuda: CUDA build ({why}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}, libcudart in {library})")
         sources += [str(csrc / "nag_cuda.cpp"), str(csrc / "nag_kernel.cu")]
         return CUDAExtension(
-            sources=sources,
+            sources=sources, library_dirs=[library],
             extra_compile_args={"cxx": cxx + ["-DNAG_WITH_CUDA"], "nvcc": ["-O3", "-fmad=false", "-DNAG_WITH_CUDA"]},
             **common,
         )
-    print("nag_cuda: CPU build")
+    print(f"nag_cuda: CPU build ({why})")
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
+if __name__ == "__main__":  # (pip runs this file as __main__; tests import its helpers)
+    setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})

@@ -1,6 +1,7 @@
 """setup.py where torch does not import (as under pip's default build isolation): a clear message that says what to
 run, not a traceback."""
 
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,64 @@ def test_setup_without_torch_says_what_to_run(isolated, says):
     assert result.returncode == 1
     assert "pip install --no-build-isolation ." in result.stderr and says in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- finding a usable CUDA toolkit: setup.py's helpers, on fake toolkits ----------------------------------------------
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.delenv("NAG_CUDA_BUILD", raising=False)
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="setup_helpers")  # not __main__: setup() does not run
+
+
+def fake_toolkit(home, release="13.0", lib="lib"):
+    (home / "bin").mkdir(parents=True)
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    (home / lib).mkdir(parents=True)
+    (home / lib / "libcudart.so").write_bytes(b"")
+    return home
+
+
+@pytest.mark.parametrize("lib", ["lib64", "lib", "targets/x86_64-linux/lib"])
+def test_cudart_is_found_where_the_toolkit_keeps_it(setup_py, tmp_path, lib):
+    home = fake_toolkit(tmp_path / "cuda", lib=lib)
+    assert setup_py["cudart_dir"](str(home), fallbacks=()) == str(home / lib)
+
+
+def test_cudart_from_the_nvidia_wheel_gets_a_link(setup_py, tmp_path, monkeypatch):
+    wheel = tmp_path / "site" / "nvidia" / "cuda_runtime" / "lib"
+    wheel.mkdir(parents=True)
+    (wheel / "libcudart.so.13").write_bytes(b"")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m == "nvidia" or m.startswith("nvidia.")]:
+        monkeypatch.delitem(sys.modules, name)
+    found = setup_py["cudart_dir"](str(tmp_path / "empty"), build_dir=tmp_path / "build", fallbacks=())
+    assert found == str((tmp_path / "build").resolve())
+    assert (tmp_path / "build" / "libcudart.so").resolve() == (wheel / "libcudart.so.13").resolve()
+
+
+def test_cuda_build_with_a_matching_toolkit(setup_py, tmp_path):
+    home = fake_toolkit(tmp_path / "cuda", release="13.0")
+    assert setup_py["cuda_build"](str(home), "13.0") == (True, f"CUDA 13.0, nvcc in {home}", str(home / "lib"))
+
+
+@pytest.mark.parametrize("case, says", [
+    ("cpu torch", "is not a CUDA build"), ("no toolkit", "no CUDA toolkit was found"),
+    ("major mismatch", "nvcc is CUDA 12.4 but torch was built with CUDA 13.0"), ("no cudart", "no libcudart.so")])
+def test_no_cuda_build_says_why_and_forced_fails_with_it(setup_py, tmp_path, monkeypatch, case, says):
+    home = None if case == "no toolkit" else fake_toolkit(tmp_path / "cuda", release="12.4" if case == "major mismatch"
+                                                           else "13.0")
+    if case == "no cudart":
+        (home / "lib" / "libcudart.so").unlink()
+        # (and none in the machine's own toolkit or an nvidia wheel either)
+        monkeypatch.setitem(setup_py["cuda_build"].__globals__, "cudart_dir", lambda cuda_home: None)
+    torch_cuda = None if case == "cpu torch" else "13.0"
+    cuda, why, library = setup_py["cuda_build"](None if home is None else str(home), torch_cuda)
+    assert not cuda and says in why and library is None
+    monkeypatch.setenv("NAG_CUDA_BUILD", "1")
+    with pytest.raises(SystemExit, match=says):
+        setup_py["cuda_build"](None if home is None else str(home), torch_cuda)
