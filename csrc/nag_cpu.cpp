@@ -23,7 +23,7 @@ namespace {
 // How the loop loads and stores each dtype, and the math type it computes in. float16 and bfloat16 are handled as raw
 // uint16_t bits with c10's own conversions (round to nearest even), because gcc does not vectorise a loop over the
 // c10::Half / c10::BFloat16 classes. It vectorises the bfloat16 conversions but not the float16 ones, so float16
-// goes through F16C tiles where the CPU has them (update_half below).
+// goes through F16C conversions in registers where the CPU has them (update_half below).
 template <typename T> struct Io {
   using Storage = T;
   using Math = T;
@@ -91,59 +91,94 @@ NAG_VECTOR_CLONES void random_bits(uint32_t* __restrict__ out, int64_t n, uint64
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(derive_key(key, first + i));
 }
 
-// GradScaler: grads unscaled in place, one block at a time (the block is then still in cache for the update).
+// GradScaler: grads unscaled in place.
 template <typename T, typename S = typename Io<T>::Storage, typename M = typename Io<T>::Math>
 NAG_VECTOR_CLONES void unscale_chunk(S* __restrict__ g, int64_t n, float inv_scale) {
   for (int64_t i = 0; i < n; ++i) g[i] = Io<T>::store(unscale(Io<T>::load(g[i]), inv_scale));
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// float16 <-> float32 with the F16C instructions, 8 at a time, both exact or round-to-nearest-even like c10's.
-__attribute__((target("avx2,f16c"))) void half_to_float(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+// float16 with the F16C instructions: 8 elements at a time converted in registers (exact, or round-to-nearest-even
+// like c10's), around the shared math. gcc turns each line of nag_update into one 8-wide AVX2 instruction here.
+#define NAG_F16C __attribute__((target("avx2,fma,f16c")))
+
+NAG_F16C inline void half8_to_float(const uint16_t* src, float* dst) {
+  _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
 }
 
-__attribute__((target("avx2,f16c"))) void float_to_half(const float* src, uint16_t* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+NAG_F16C inline void float8_to_half(const float* src, uint16_t* dst) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(_mm256_loadu_ps(src), _MM_FROUND_TO_NEAREST_INT));
 }
 
 bool has_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 }
 
-// float16 in L1-sized tiles: convert to float, run the (vectorised) float loop, convert back. Same bits as the
-// scalar conversions, several times faster. Buffers may be float16 or float32 (momentum_dtype), and with master
-// weights the params are only written.
+// Eight elements: the float16 params (or the float32 master), grads and buffers (float16 or float32) in registers.
 template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename SB>
-void update_half(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n, const Hyper<float>& h) {
+NAG_F16C inline void update_half8(uint16_t* p, const uint16_t* g, SB* b, float* master, const Hyper<float>& h) {
   constexpr bool kHalfBuffer = std::is_same_v<SB, uint16_t>;
-  constexpr int64_t kTile = 1024;
-  float pf[kTile], gf[kTile], bf[kTile];
-  for (int64_t i = 0; i < n; i += kTile) {
-    const int64_t m = std::min(kTile, n - i);
-    if (kMode != Mode::kMaster) half_to_float(p + i, pf, m);
-    half_to_float(g + i, gf, m);
-    float* buf = bf;
-    if constexpr (kHalfBuffer) {
-      if (!kFirst) half_to_float(b + i, bf, m);
-    } else {
-      buf = b + i;
-    }
-    update_chunk<kFirst, kDecay, kFused, kMode, float, float>(pf, gf, buf, kMode == Mode::kMaster ? master + i : nullptr,
-                                                              m, h, nullptr);
-    float_to_half(pf, p + i, m);
-    if constexpr (kHalfBuffer) float_to_half(bf, b + i, m);
+  float pf[8], gf[8], bf[8];
+  if constexpr (kMode == Mode::kMaster) {
+    std::memcpy(pf, master, sizeof(pf));
+  } else {
+    half8_to_float(p, pf);
   }
+  half8_to_float(g, gf);
+  if constexpr (kHalfBuffer) {
+    if (!kFirst) half8_to_float(b, bf);
+  } else {
+    std::memcpy(bf, b, sizeof(bf));
+  }
+#pragma GCC unroll 1  // a loop, which gcc vectorises; unrolled, its maximize select stays scalar
+  for (int j = 0; j < 8; ++j) {
+    if (kFirst) bf[j] = 0.0f;
+    nag_update<kFirst, kDecay, kFused>(pf[j], gf[j], bf[j], h);
+  }
+  if constexpr (kMode == Mode::kMaster) std::memcpy(master, pf, sizeof(pf));
+  float8_to_half(pf, p);
+  if constexpr (kHalfBuffer) {
+    float8_to_half(bf, b);
+  } else {
+    std::memcpy(b, bf, sizeof(bf));
+  }
+}
+
+template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename SB>
+NAG_F16C void update_half(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n, const Hyper<float>& h) {
+  const Hyper<float> hyper = h;  // a local copy, as in update_chunk
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    update_half8<kFirst, kDecay, kFused, kMode>(p + i, g + i, b + i, kMode == Mode::kMaster ? master + i : nullptr,
+                                                 hyper);
+  }
+  const int64_t m = n - i;  // the last n % 8 elements go through zero-padded copies
+  if (m == 0) return;
+  uint16_t pt[8] = {}, gt[8] = {};
+  SB bt[8] = {};
+  float mt[8] = {};
+  std::copy_n(p + i, m, pt);
+  std::copy_n(g + i, m, gt);
+  std::copy_n(b + i, m, bt);
+  if (kMode == Mode::kMaster) std::copy_n(master + i, m, mt);
+  update_half8<kFirst, kDecay, kFused, kMode>(pt, gt, bt, mt, hyper);
+  std::copy_n(pt, m, p + i);
+  std::copy_n(bt, m, b + i);
+  if (kMode == Mode::kMaster) std::copy_n(mt, m, master + i);
+}
+
+// GradScaler for float16 grads: unscale_chunk's math, 8 at a time.
+NAG_F16C void unscale_half(uint16_t* g, int64_t n, float inv_scale) {
+  int64_t i = 0;
+  float gf[8];
+  for (; i + 8 <= n; i += 8) {
+    half8_to_float(g + i, gf);
+    for (int j = 0; j < 8; ++j) gf[j] = unscale(gf[j], inv_scale);
+    float8_to_half(gf, g + i);
+  }
+  for (; i < n; ++i) g[i] = Io<c10::Half>::store(unscale(Io<c10::Half>::load(g[i]), inv_scale));
 }
 #endif
 
@@ -168,6 +203,17 @@ void update_span(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hype
   } else {
     update_chunk<kFirst, kDecay, kFused, kMode, P, B>(p, g, b, master, n, h, nullptr);
   }
+}
+
+// GradScaler: the block's grads unscaled in place (then still in cache for the update); float16 through F16C.
+template <typename P, typename SP>
+void unscale_span(SP* g, int64_t n, float inv_scale) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<P, c10::Half>) {
+    if (has_f16c()) return unscale_half(g, n, inv_scale);
+  }
+#endif
+  unscale_chunk<P>(g, n, inv_scale);
 }
 
 // Calls f(std::true_type) or f(std::false_type): a runtime flag made a compile-time one.
@@ -232,7 +278,7 @@ void run(const Group& group, const StepArgs& a) {
         float* master = kMode == Mode::kMaster ? static_cast<float*>(t.master[seg]) + w.begin : nullptr;
         const uint64_t key = kMode == Mode::kStochastic ? derive_key(launch_key, seg) : 0;
         const int64_t n = w.end - w.begin;
-        if (a.inv_grad_scale != nullptr) unscale_chunk<P>(g, n, inv_scale);
+        if (a.inv_grad_scale != nullptr) unscale_span<P>(g, n, inv_scale);
         update_block<kMode, P, B>(t.first[seg] != 0, p, g, b, master, n, h, key, w.begin);
       }
     });
