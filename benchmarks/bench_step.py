@@ -250,7 +250,8 @@ def host_overhead(runs, copies, device, reps):
     """Host-side seconds per step() for FusedNAG and torch fused, {name: seconds} (medians, interleaved).
 
     CUDA: the wall time of the step() call itself, which only launches (the queue is drained before each call).
-    CPU: step() runs the kernel too, so the kernel op is also called alone on the same lists and subtracted.
+    CPU: step() runs the kernel too, so the kernel op is also called alone on the same lists and subtracted. FusedNAG's
+    step() reads its lists in C++, which costs less than the op's call from Python: its figure can be below 0.
     """
     params, bufs = copies[0]
     grads = [p.grad for p in params]
@@ -463,7 +464,8 @@ def target_lines(result, cuda):
             checks.append((f"{s['name']}: FusedNAG % of copy bandwidth ≥ 90", r["FusedNAG"]["pct_copy"], 90))
     host = result["host_overhead_us"]
     if "torch fused" in host:
-        checks.append(("host cost of step(): torch fused ÷ FusedNAG ≥ 1.0", host["torch fused"] / host["FusedNAG"], 1.0))
+        # A difference, not a ratio: on CPU FusedNAG's step() can cost less than its op called from Python (below 0).
+        checks.append(("host cost of step(): torch fused − FusedNAG ≥ 0 µs", host["torch fused"] - host["FusedNAG"], 0.0))
     return [f"- {'met' if value >= need else 'MISSED'}: {text} (measured {value:.2f})" for text, value, need in checks]
 
 

@@ -22,8 +22,7 @@ namespace {
 
 // How the loop loads and stores each dtype, and the math type it computes in. float16 and bfloat16 are handled as raw
 // uint16_t bits with c10's own conversions (round to nearest even), because gcc does not vectorise a loop over the
-// c10::Half / c10::BFloat16 classes. It vectorises the bfloat16 conversions but not the float16 ones, so float16
-// goes through F16C conversions in registers where the CPU has them (update_half below).
+// c10::Half / c10::BFloat16 classes. On x86-64 with AVX2 both mostly take update_in_registers (below) instead.
 template <typename T> struct Io {
   using Storage = T;
   using Math = T;
@@ -98,87 +97,132 @@ NAG_VECTOR_CLONES void unscale_chunk(S* __restrict__ g, int64_t n, float inv_sca
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// float16 with the F16C instructions: 8 elements at a time converted in registers (exact, or round-to-nearest-even
-// like c10's), around the shared math. gcc turns each line of nag_update into one 8-wide AVX2 instruction here.
-#define NAG_F16C __attribute__((target("avx2,fma,f16c")))
+// float16 and bfloat16 on AVX2: 16 elements at a time converted in registers around the shared math, where gcc turns
+// each line of nag_update into 8-wide instructions. (Its own vectorisation of the Io conversions does not handle
+// float16 at all, and spends more instructions on bfloat16, whose loop is then compute-bound.)
+#define NAG_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-NAG_F16C inline void half8_to_float(const uint16_t* src, float* dst) {
-  _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-}
-
-NAG_F16C inline void float8_to_half(const float* src, uint16_t* dst) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(_mm256_loadu_ps(src), _MM_FROUND_TO_NEAREST_INT));
-}
-
-bool has_f16c() {
+bool has_avx2() {
   static const bool yes =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 }
 
-// Eight elements: the float16 params (or the float32 master), grads and buffers (float16 or float32) in registers.
-template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename SB>
-NAG_F16C inline void update_half8(uint16_t* p, const uint16_t* g, SB* b, float* master, const Hyper<float>& h) {
-  constexpr bool kHalfBuffer = std::is_same_v<SB, uint16_t>;
-  float pf[8], gf[8], bf[8];
+// 16 stored elements to floats and back, with the same bits as Io<T>'s conversions. The order of the floats is the
+// type's choice, since the math is elementwise; kInOrder says whether it is the elements' own, which float32 arrays
+// beside them (master weights, a float32 buffer) need.
+template <typename T> struct Lanes;
+
+template <> struct Lanes<c10::Half> {  // F16C, 8 at a time
+  static constexpr bool kInOrder = true;
+  NAG_AVX2 static void load(const uint16_t* src, float* dst) {
+    for (int k = 0; k < 16; k += 8) {
+      _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+    }
+  }
+  NAG_AVX2 static void store(const float* src, uint16_t* dst) {
+    for (int k = 0; k < 16; k += 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
+    }
+  }
+};
+
+template <> struct Lanes<c10::BFloat16> {  // the even elements, then the odd ones: one instruction each way
+  static constexpr bool kInOrder = false;
+  NAG_AVX2 static void load(const uint16_t* src, float* dst) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_slli_epi32(x, 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8), _mm256_and_si256(x, _mm256_set1_epi32(0xffff0000)));
+  }
+  // Io<c10::BFloat16>::store's rounding, kept in the high half of each 32-bit lane.
+  NAG_AVX2 static __m256i round_high(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, odd), _mm256_set1_epi32(0x7fff));
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc00000), _mm256_castps_si256(nan));
+  }
+  NAG_AVX2 static void store(const float* src, uint16_t* dst) {
+    const __m256i even = _mm256_srli_epi32(round_high(_mm256_loadu_ps(src)), 16);
+    const __m256i odd = round_high(_mm256_loadu_ps(src + 8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_blend_epi16(even, odd, 0xaa));
+  }
+};
+
+// Which kinds take this path: float16 in every mode, bfloat16 where every array is bfloat16 (see kInOrder).
+template <typename P, typename B, Mode kMode>
+constexpr bool kInRegisters = std::is_same_v<P, c10::Half> ||
+                              (std::is_same_v<P, c10::BFloat16> && std::is_same_v<B, c10::BFloat16> &&
+                               kMode == Mode::kPlain);
+
+// Sixteen elements: the 16-bit params (or the float32 master), grads and buffers (16-bit or float32) in registers.
+template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename P, typename SB>
+NAG_AVX2 inline void update16(uint16_t* p, const uint16_t* g, SB* b, float* master, const Hyper<float>& h) {
+  using L = Lanes<P>;
+  constexpr bool kStoredBuffer = std::is_same_v<SB, uint16_t>;
+  static_assert(L::kInOrder || (kMode != Mode::kMaster && kStoredBuffer), "float32 arrays need the elements' order");
+  float pf[16], gf[16], bf[16];
   if constexpr (kMode == Mode::kMaster) {
     std::memcpy(pf, master, sizeof(pf));
   } else {
-    half8_to_float(p, pf);
+    L::load(p, pf);
   }
-  half8_to_float(g, gf);
-  if constexpr (kHalfBuffer) {
-    if (!kFirst) half8_to_float(b, bf);
+  L::load(g, gf);
+  if constexpr (kStoredBuffer) {
+    if (!kFirst) L::load(b, bf);
   } else {
     std::memcpy(bf, b, sizeof(bf));
   }
 #pragma GCC unroll 1  // a loop, which gcc vectorises; unrolled, its maximize select stays scalar
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < 16; ++j) {
     if (kFirst) bf[j] = 0.0f;
     nag_update<kFirst, kDecay, kFused>(pf[j], gf[j], bf[j], h);
   }
   if constexpr (kMode == Mode::kMaster) std::memcpy(master, pf, sizeof(pf));
-  float8_to_half(pf, p);
-  if constexpr (kHalfBuffer) {
-    float8_to_half(bf, b);
+  L::store(pf, p);
+  if constexpr (kStoredBuffer) {
+    L::store(bf, b);
   } else {
     std::memcpy(b, bf, sizeof(bf));
   }
 }
 
-template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename SB>
-NAG_F16C void update_half(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n, const Hyper<float>& h) {
+template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename P, typename SB>
+NAG_AVX2 void update_in_registers(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n,
+                                  const Hyper<float>& h) {
   const Hyper<float> hyper = h;  // a local copy, as in update_chunk
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    update_half8<kFirst, kDecay, kFused, kMode>(p + i, g + i, b + i, kMode == Mode::kMaster ? master + i : nullptr,
-                                                 hyper);
+  for (; i + 16 <= n; i += 16) {
+    update16<kFirst, kDecay, kFused, kMode, P>(p + i, g + i, b + i, kMode == Mode::kMaster ? master + i : nullptr,
+                                               hyper);
   }
-  const int64_t m = n - i;  // the last n % 8 elements go through zero-padded copies
+  const int64_t m = n - i;  // the last n % 16 elements go through zero-padded copies
   if (m == 0) return;
-  uint16_t pt[8] = {}, gt[8] = {};
-  SB bt[8] = {};
-  float mt[8] = {};
+  uint16_t pt[16] = {}, gt[16] = {};
+  SB bt[16] = {};
+  float mt[16] = {};
   std::copy_n(p + i, m, pt);
   std::copy_n(g + i, m, gt);
   std::copy_n(b + i, m, bt);
   if (kMode == Mode::kMaster) std::copy_n(master + i, m, mt);
-  update_half8<kFirst, kDecay, kFused, kMode>(pt, gt, bt, mt, hyper);
+  update16<kFirst, kDecay, kFused, kMode, P>(pt, gt, bt, mt, hyper);
   std::copy_n(pt, m, p + i);
   std::copy_n(bt, m, b + i);
   if (kMode == Mode::kMaster) std::copy_n(mt, m, master + i);
 }
 
-// GradScaler for float16 grads: unscale_chunk's math, 8 at a time.
-NAG_F16C void unscale_half(uint16_t* g, int64_t n, float inv_scale) {
+// GradScaler for 16-bit grads: unscale_chunk's math, 16 at a time.
+template <typename P>
+NAG_AVX2 void unscale_in_registers(uint16_t* g, int64_t n, float inv_scale) {
   int64_t i = 0;
-  float gf[8];
-  for (; i + 8 <= n; i += 8) {
-    half8_to_float(g + i, gf);
-    for (int j = 0; j < 8; ++j) gf[j] = unscale(gf[j], inv_scale);
-    float8_to_half(gf, g + i);
+  float gf[16];
+  for (; i + 16 <= n; i += 16) {
+    Lanes<P>::load(g + i, gf);
+    for (int j = 0; j < 16; ++j) gf[j] = unscale(gf[j], inv_scale);
+    Lanes<P>::store(gf, g + i);
   }
-  for (; i < n; ++i) g[i] = Io<c10::Half>::store(unscale(Io<c10::Half>::load(g[i]), inv_scale));
+  for (; i < n; ++i) g[i] = Io<P>::store(unscale(Io<P>::load(g[i]), inv_scale));
 }
 #endif
 
@@ -188,8 +232,8 @@ template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename P, typenam
 void update_span(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
                  int64_t begin) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<P, c10::Half>) {
-    if (has_f16c()) return update_half<kFirst, kDecay, kFused, kMode>(p, g, b, master, n, h);
+  if constexpr (kInRegisters<P, B, kMode>) {
+    if (has_avx2()) return update_in_registers<kFirst, kDecay, kFused, kMode, P>(p, g, b, master, n, h);
   }
 #endif
   if constexpr (kMode == Mode::kStochastic) {  // the random bits a tile at a time: the hash vectorises on its own,
@@ -205,12 +249,12 @@ void update_span(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hype
   }
 }
 
-// GradScaler: the block's grads unscaled in place (then still in cache for the update); float16 through F16C.
+// GradScaler: the block's grads unscaled in place (then still in cache for the update).
 template <typename P, typename SP>
 void unscale_span(SP* g, int64_t n, float inv_scale) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<P, c10::Half>) {
-    if (has_f16c()) return unscale_half(g, n, inv_scale);
+  if constexpr (std::is_same_v<P, c10::Half> || std::is_same_v<P, c10::BFloat16>) {
+    if (has_avx2()) return unscale_in_registers<P>(g, n, inv_scale);
   }
 #endif
   unscale_chunk<P>(g, n, inv_scale);

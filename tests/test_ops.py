@@ -61,6 +61,31 @@ def test_kernel_matches_reference(device, dtype, maximize):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("grad_scale", [None, 3.0], ids=["plain", "grad_scale"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_every_16_bit_value(device, dtype, grad_scale):
+    """Every bit pattern of the dtype (subnormals, infinities, NaNs) as param, grad and buffer, in a tensor that ends
+    in a remainder: the kernel's conversions give the reference's bits, and NaN where it has NaN (NaN payloads aside,
+    which even torch's own conversions do not agree on)."""
+    gen = torch.Generator().manual_seed(0)
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+
+    def shuffled():
+        return every[torch.randperm(every.numel() + 13, generator=gen) % every.numel()].view(dtype).to(device)
+
+    amp = {} if grad_scale is None else dict(grad_scale=torch.tensor(grad_scale, device=device),
+                                             found_inf=torch.zeros((), device=device))
+    for first in (True, False):
+        ours = [[shuffled()], [shuffled()], [shuffled()], [first]]
+        ref = [[t.clone() for t in ts] for ts in ours[:3]] + [ours[3]]
+        op(*ours, *HYPER, **amp)
+        nag_step_reference(*ref, *HYPER, **amp)
+        for a, b in zip(ours[0] + ours[1] + ours[2], ref[0] + ref[1] + ref[2], strict=True):
+            nan = b.isnan()
+            assert torch.equal(a.isnan(), nan)
+            assert torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan])
+
+
 def test_reference_fallback_for_devices_without_kernel():
     with pytest.warns(UserWarning, match="no compiled kernel for meta"):
         assert step_function(torch.device("meta")) is nag_step_reference
