@@ -22,6 +22,7 @@ import gzip
 import json
 import math
 import os
+import statistics
 import struct
 import sys
 import time
@@ -233,7 +234,9 @@ def by_seed(rows):
 
 
 def table(histories):
-    """Final-epoch numbers per optimizer; over several seeds, the mean and the range (min–max)."""
+    """Final-epoch numbers per optimizer; over several seeds, the mean and the range (min–max). Time per epoch and the
+    share of it in optimizer.step() are medians over every epoch of every seed, so that one epoch slowed by other work
+    on the machine does not move them."""
     lines = ["| optimizer | test accuracy | train loss | s/epoch | share in step() |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name, rows in histories.items():
@@ -245,8 +248,8 @@ def table(histories):
             return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
         test = "not measured (--train_only)" if last[0]["test_acc"] is None else spread("test_acc", 100, unit="%")
-        per_epoch = sum(r["seconds"] for r in rows) / len(rows)
-        share = sum(r["step_seconds"] for r in rows) / sum(r["seconds"] for r in rows)
+        per_epoch = statistics.median(r["seconds"] for r in rows)
+        share = statistics.median(r["step_seconds"] / r["seconds"] for r in rows)
         lines.append(f"| {name} | {test} | {spread('train_loss', digits=4)} | {per_epoch:.2f} | {100 * share:.1f}% |")
     return "\n".join(lines)
 
