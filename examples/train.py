@@ -2,6 +2,7 @@
 
     python examples/train.py                  # the article's CNN on scikit-learn's bundled 8x8 digits, FusedNAG, CPU
     python examples/train.py --compare        # SGD, SGD+momentum, torch SGD-nesterov and FusedNAG, same seed
+    python examples/train.py --compare fusednag sgd-nesterov   # only these
     python examples/train.py --dataset fashion-mnist   # 70,000 28x28 images (Debian: apt-get install dataset-fashion-mnist)
     python examples/train.py --dataset mnist --data-dir DIR   # MNIST's four idx files already in DIR
     python examples/train.py --multi_gpu      # data-parallel through torchrun: NCCL on GPUs, gloo (2 processes) on CPU
@@ -339,7 +340,8 @@ def parse_args(argv):
     parser.add_argument("--data-dir", type=Path,
                         help=f"holds the four idx files (default: {FASHION_MNIST_DIR} for fashion-mnist, data for mnist)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="fusednag")
-    parser.add_argument("--compare", action="store_true", help="run every optimizer and write a comparison")
+    parser.add_argument("--compare", nargs="*", choices=OPTIMIZERS, metavar="OPTIMIZER",
+                        help="run every optimizer (or the ones named) and write a comparison")
     parser.add_argument("--num_epochs", type=positive(int), default=5)
     parser.add_argument("--learning_rate", type=positive(float), default=0.05)
     parser.add_argument("--momentum", "--Momentum", type=positive(float), default=0.9,
@@ -365,6 +367,8 @@ def parse_args(argv):
     if args.weight_decay < 0:
         parser.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
     args.seeds = args.seeds or [args.seed]
+    if args.compare is not None:  # --compare alone: all of them, plain SGD first
+        args.compare = list(dict.fromkeys(args.compare)) or OPTIMIZERS[3::-1] + OPTIMIZERS[4:]
     if args.data_dir is None:
         args.data_dir = FASHION_MNIST_DIR if args.dataset == "fashion-mnist" else Path("data")
     if args.use_cuda:
@@ -415,7 +419,7 @@ def main(argv=None):
         train_set, test_set = digits() if args.dataset == "digits" else idx_dataset(args.dataset, args.data_dir)
         if args.image_size:
             train_set, test_set = resized(train_set, args.image_size), resized(test_set, args.image_size)
-        names = OPTIMIZERS[3::-1] + OPTIMIZERS[4:] if args.compare else [args.optimizer]
+        names = args.compare or [args.optimizer]
         histories = {name: [row for seed in args.seeds for row in train(name, args, train_set, test_set, device, rank,
                                                                         world, seed)]
                      for name in names}

@@ -63,6 +63,15 @@ def test_several_seeds_give_mean_and_range(tmp_path):
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0
 
 
+def test_compare_a_subset(tmp_path, capsys):
+    histories = run(tmp_path, "--compare", "fusednag", "sgd-nesterov-fused", "fusednag", "--num_epochs", "1")
+    assert list(histories) == ["fusednag", "sgd-nesterov-fused"]
+    assert "| sgd |" not in (tmp_path / "out" / "compare.md").read_text()
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, "--compare", "adam")
+    assert exc.value.code == 2 and "invalid choice: 'adam'" in capsys.readouterr().err
+
+
 def test_refuses_to_overwrite(tmp_path, capsys):
     run(tmp_path)
     with pytest.raises(SystemExit) as exc:
