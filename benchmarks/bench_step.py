@@ -352,18 +352,22 @@ def host_per_tensor(device, counts=HOST_COUNTS, reps=15, rounds=3):
     return out
 
 
-def host_per_tensor_fresh(device, counts=HOST_COUNTS):
+def host_per_tensor_fresh(device, counts=HOST_COUNTS, processes=1):
     """host_per_tensor with each count in a new process: objects made after others were freed land scattered over the
-    heap, which made the first optimizer built for the next count up to 2x slower than the same one built first."""
-    out = {}
+    heap, which made the first optimizer built for the next count up to 2x slower than the same one built first.
+    processes > 1: each count in that many processes, and each method's median over them (on a shared VM one process
+    can read 1.5x another's)."""
+    runs = {}
     for n in counts:
         code = (f"import json, sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_step; "
                 f"print(json.dumps(bench_step.host_per_tensor(torch.device({str(device)!r}), counts=({n},))))")
-        done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        for kind, rows in json.loads(done.stdout.splitlines()[-1]).items():
-            for name, row in rows.items():
-                out.setdefault(kind, {}).setdefault(name, {})[n] = row[str(n)]
-    return out
+        for _ in range(processes):
+            done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            for kind, rows in json.loads(done.stdout.splitlines()[-1]).items():
+                for name, row in rows.items():
+                    runs.setdefault(kind, {}).setdefault(name, {}).setdefault(n, []).append(row[str(n)])
+    return {kind: {name: {n: statistics.median(us) for n, us in row.items()} for name, row in rows.items()}
+            for kind, rows in runs.items()}
 
 
 def host_markdown(host):
@@ -508,6 +512,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where results go")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart (no matplotlib needed)")
     parser.add_argument("--host", action="store_true", help="only the host cost per tensor (100/2000/10000 tensors)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="--host: fresh processes per tensor count, each method's median over them (default 3)")
     args = parser.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -520,6 +526,8 @@ def main(argv=None):
         parser.error(f"unknown set(s) {unknown} for this mode; choose from {list(available)}")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
     rounds = args.rounds or (5 if args.quick else 15)
     if args.host:
         return host_main(args, device)
@@ -591,12 +599,13 @@ def main(argv=None):
 
 def host_main(args, device):
     """--host: the host cost per tensor alone, with the issue's targets, written next to the other results."""
-    host = host_per_tensor_fresh(device)
+    host = host_per_tensor_fresh(device, processes=args.processes)
     meta = dict(device=device_name(device), torch=torch.__version__, python=platform.python_version(),
                 date=datetime.date.today().isoformat(), command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]))
     result = dict(meta=meta, host_per_tensor=host, targets=host_targets(host))
     table = "\n".join([f"Device: {meta['device']}; torch {meta['torch']}, Python {meta['python']}, {meta['date']}",
-                       f"Command: `{meta['command']}`", "", host_markdown(host), "", "Targets (issue 13):",
+                       f"Command: `{meta['command']}`", "", host_markdown(host),
+                       f"(each count in {args.processes} fresh processes, medians over them)", "", "Targets (issue 13):",
                        *result["targets"]])
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,14 @@ def test_host_per_tensor_reports_each_method_and_count():
     assert bench_step.host_targets(host) == []  # the targets are stated at 2000 and 10000 tensors only
 
 
+def test_host_per_tensor_fresh_takes_medians_over_processes():
+    host = bench_step.host_per_tensor_fresh(torch.device("cpu"), counts=(3,), processes=2)
+    assert set(host) == {"back-to-back", "interleaved"}
+    for rows in host.values():
+        assert set(rows) == set(bench_step.host_methods())
+        assert all(set(row) == {3} and row[3] > 0 for row in rows.values())
+
+
 def test_bench_step_rejects_unknown_set():
     with pytest.raises(SystemExit):
         bench_step.main(["--quick", "--sets", "no-such-set"])
