@@ -377,7 +377,8 @@ class FusedNAG(Optimizer):
             fn(*lists, *hyper, **kwargs)
         for group, entries in sparse:
             self._step_sparse(group, entries, grad_scale, found_inf)
-        self._sparse = self._sparse or bool(sparse)
+        if sparse:  # (only then: torch 2.11's dynamo refuses any attribute write on the optimizer it traces)
+            self._sparse = True
         # New state becomes state only once the kernel has written it (or, under GradScaler, zeroed: see _gather).
         for p, key, value in new_state:
             self.state[p][key] = value
