@@ -604,7 +604,7 @@ def host_main(args, device):
                 date=datetime.date.today().isoformat(), command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]))
     result = dict(meta=meta, host_per_tensor=host, targets=host_targets(host))
     table = "\n".join([f"Device: {meta['device']}; torch {meta['torch']}, Python {meta['python']}, {meta['date']}",
-                       f"Command: `{meta['command']}`", "", host_markdown(host),
+                       f"Command: `{meta['command']}`", "", host_markdown(host), "",
                        f"(each count in {args.processes} fresh processes, medians over them)", "", "Targets (issue 13):",
                        *result["targets"]])
     print(table)
