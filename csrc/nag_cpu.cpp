@@ -280,18 +280,41 @@ bool torch_fuses_multiply_add() {
 #endif
 }
 
-// A block: the loop's compile-time flags (first step, weight decay, fused multiply-add) picked from their values.
-template <Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
-void update_block(bool first, SP* p, const SP* g, SB* b, float* master, int64_t n, const Hyper<M>& h, uint64_t key,
-                  int64_t begin) {
-  with_flag(first, [&](auto first_flag) {
-    with_flag(h.weight_decay != M(0), [&](auto decay_flag) {
-      with_flag(torch_fuses_multiply_add(), [&](auto fused_flag) {
-        update_span<decltype(first_flag)::value, decltype(decay_flag)::value, decltype(fused_flag)::value, kMode, P,
-                    B>(p, g, b, master, n, h, key, begin);
-      });
-    });
-  });
+// Blocks [begin, end) of one launch, with the launch's compile-time flags (weight decay, fused multiply-add). The
+// blocks of a range come in segment order, so the range finds its first segment with the kernels' lookup
+// (block_work) and walks on from there: a step of many small tensors has a block per tensor, and a lookup for each
+// cost more than the update.
+template <bool kDecay, bool kFused, Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
+void update_blocks(const LaunchTable& t, int64_t begin, int64_t end, const Hyper<M>& h, const float* inv_scale,
+                   uint64_t launch_key) {
+  BlockWork w = block_work(t.block_start, t.numel, t.size, begin);
+  for (int64_t block = begin; block < end; ++block) {
+    if (block >= t.block_start[w.segment + 1]) {
+      ++w.segment;  // (segments are never empty: the next block starts the next one)
+      w.begin = 0;
+    } else if (block > begin) {
+      w.begin += kChunk;
+    }
+    const int seg = w.segment;
+    w.end = std::min(w.begin + kChunk, t.numel[seg]);
+    if (seg + 4 < t.size) {  // (the next small tensors' values: separate allocations the hardware cannot guess)
+      __builtin_prefetch(t.param[seg + 4]);
+      __builtin_prefetch(t.grad[seg + 4]);
+      __builtin_prefetch(t.buf[seg + 4]);
+    }
+    SP* p = static_cast<SP*>(t.param[seg]) + w.begin;
+    SP* g = static_cast<SP*>(t.grad[seg]) + w.begin;
+    SB* b = static_cast<SB*>(t.buf[seg]) + w.begin;
+    float* master = kMode == Mode::kMaster ? static_cast<float*>(t.master[seg]) + w.begin : nullptr;
+    const uint64_t key = kMode == Mode::kStochastic ? derive_key(launch_key, seg) : 0;
+    const int64_t n = w.end - w.begin;
+    if (inv_scale != nullptr) unscale_span<P>(g, n, *inv_scale);
+    if (t.first[seg] != 0) {
+      update_span<true, kDecay, kFused, kMode, P, B>(p, g, b, master, n, h, key, w.begin);
+    } else {
+      update_span<false, kDecay, kFused, kMode, P, B>(p, g, b, master, n, h, key, w.begin);
+    }
+  }
 }
 
 template <typename P, typename B, Mode kMode>
@@ -312,24 +335,13 @@ void run(const Group& group, const StepArgs& a) {
     for (int s = 0; s < t.size; ++s) elements += t.numel[s];
     // Small launches run on the calling thread: waking the pool costs more than the work.
     const int64_t grain = elements <= at::internal::GRAIN_SIZE ? blocks : 1;
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) {
-        const BlockWork w = block_work(t.block_start, t.numel, t.size, block);
-        const int seg = w.segment;
-        if (seg + 4 < t.size) {  // (the next small tensors' values: separate allocations the hardware cannot guess)
-          __builtin_prefetch(t.param[seg + 4]);
-          __builtin_prefetch(t.grad[seg + 4]);
-          __builtin_prefetch(t.buf[seg + 4]);
-        }
-        SP* p = static_cast<SP*>(t.param[seg]) + w.begin;
-        SP* g = static_cast<SP*>(t.grad[seg]) + w.begin;
-        SB* b = static_cast<SB*>(t.buf[seg]) + w.begin;
-        float* master = kMode == Mode::kMaster ? static_cast<float*>(t.master[seg]) + w.begin : nullptr;
-        const uint64_t key = kMode == Mode::kStochastic ? derive_key(launch_key, seg) : 0;
-        const int64_t n = w.end - w.begin;
-        if (a.inv_grad_scale != nullptr) unscale_span<P>(g, n, inv_scale);
-        update_block<kMode, P, B>(t.first[seg] != 0, p, g, b, master, n, h, key, w.begin);
-      }
+    with_flag(h.weight_decay != M(0), [&](auto decay) {
+      with_flag(torch_fuses_multiply_add(), [&](auto fused) {
+        at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+          update_blocks<decltype(decay)::value, decltype(fused)::value, kMode, P, B, SP, SB>(
+              t, begin, end, h, a.inv_grad_scale != nullptr ? &inv_scale : nullptr, launch_key);
+        });
+      });
     });
   });
 }

@@ -23,6 +23,13 @@ struct Group {
   std::vector<void*> master;  // Mode::kMaster: float32 master weights, else empty
   std::vector<int64_t> numel;
   std::vector<uint8_t> first;
+
+  void reserve(size_t n, bool masters) {
+    for (std::vector<void*>* v : {&param, &grad, &buf}) v->reserve(n);
+    if (masters) master.reserve(n);
+    numel.reserve(n);
+    first.reserve(n);
+  }
 };
 
 // Calls launch(table, launch_key) for each launch of the group's schedule, with `table` filled for that launch.

@@ -284,6 +284,7 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
       m = m ? &keep_alive[last + 3] : nullptr;
     }
     Group& group = groups[static_cast<int>(kind.param) * 4 + static_cast<int>(kind.buf)];
+    if (group.numel.empty()) group.reserve(n - i, m != nullptr);  // (room for the rest: no regrowth)
     group.kind = kind;
     group.param_size = p->element_size();
     group.buf_size = b->element_size();

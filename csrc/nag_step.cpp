@@ -1,8 +1,9 @@
 // The host side of FusedNAG.step() for plain tensors, as one C++ call for every param group of a step: it reads each
 // param's grad and state (momentum buffer, master weights) from the Python objects, with no Python code per tensor,
 // and calls the op nag_cuda::nag_step_ through the dispatcher (autograd's checks and version counters included), once
-// per (device, settings). Nothing is kept between steps: grads, state and param groups are read afresh each time, as
-// torch's own loop reads them, so whatever user code changes between steps is seen.
+// per (device, settings). Grads, tensors and param groups are read afresh each time, as torch's own loop reads them;
+// only the lookups in opt.state are reused from the last step, and only while dict version tags say that they still
+// hold (StateCache), so whatever user code changes between steps is seen.
 #include <Python.h>
 
 #include <algorithm>
@@ -34,6 +35,7 @@ class Borrowed {
     for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
   }
   void add(const at::Tensor& t) { tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t)); }
+  void reserve(size_t n) { tensors_.reserve(n); }
   bool empty() const { return tensors_.empty(); }
   size_t size() const { return tensors_.size(); }
   at::TensorList list() const { return tensors_; }
@@ -86,21 +88,57 @@ PyObject* state_of(PyObject* state, PyObject* param, bool id_hash) {
   return st;
 }
 
-// state[key] of one param: false if it is there but not a plain tensor (a DTensor, a subclass, something else), which
-// the Python path handles; else true, with `out` pointing to the tensor (owned by its Python object), or null if the
-// key is absent or None.
-bool read_state(PyObject* st, PyObject* key, const at::Tensor*& out) {
-  out = nullptr;
-  if (st == nullptr) return true;
+// state[key] of one param (borrowed), or null if the param has no state or the key is absent.
+PyObject* state_item(PyObject* st, PyObject* key) {
+  if (st == nullptr) return nullptr;
   PyObject* value = PyDict_GetItemWithError(st, key);
-  if (value == nullptr) {
-    if (PyErr_Occurred()) throw python_error();
-    return true;
-  }
-  if (value == Py_None) return true;
+  if (value == nullptr && PyErr_Occurred()) throw python_error();
+  return value;
+}
+
+// A state value as a tensor: false if it is there but not a plain tensor (a DTensor, a subclass, something else),
+// which the Python path handles; else true, with `out` pointing to the tensor (owned by its Python object), or null
+// if the value is absent (null) or None.
+bool state_tensor(PyObject* value, const at::Tensor*& out) {
+  out = nullptr;
+  if (value == nullptr || value == Py_None) return true;
   if (!THPVariable_CheckExact(value)) return false;
   out = &THPVariable_Unpack(value);
   return true;
+}
+
+// Python's dict version tags (PEP 509; removed in 3.14): a dict's tag changes whenever the dict is modified, and no
+// two dicts share one. They let a step skip its lookups in opt.state where last step's results still hold.
+#if PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
+#define NAG_DICT_VERSIONS 1
+uint64_t version_of(PyObject* dict) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"  // (3.12 and 3.13 deprecate the field, and keep it)
+  return reinterpret_cast<PyDictObject*>(dict)->ma_version_tag;
+#pragma GCC diagnostic pop
+}
+#endif
+
+// What the last step found in opt.state for each param, in the order of the groups' lists: the param's state dict
+// and in it the momentum buffer and master weights (each null where absent). An entry holds while opt.state is the
+// same dict with the same version tag (no state added, removed or replaced) and the state dict has its version tag
+// of then (its buffer not replaced or deleted): the entries' objects are then still owned by opt.state. Tensors are
+// still read through their Python objects at every step, so whatever changes a tensor itself is seen as before.
+struct StateCache {
+  struct Entry {
+    PyObject* param = nullptr;
+    PyObject* state = nullptr;  // opt.state[param]
+    uint64_t version = 0;       // its version tag
+    PyObject* buf = nullptr;
+    PyObject* master = nullptr;
+  };
+  THPObjectPtr state;  // opt.state, owned so that no other dict can take its address; null: no entry holds
+  uint64_t version = 0;
+  std::vector<Entry> entries;
+};
+
+void delete_cache(PyObject* capsule) {
+  delete static_cast<StateCache*>(PyCapsule_GetPointer(capsule, "nag_cuda.StateCache"));
 }
 
 std::optional<at::Tensor> on(const std::optional<at::Tensor>& t, c10::Device device) {
@@ -139,17 +177,31 @@ struct NoGil {
   ~NoGil() { PyEval_RestoreThread(saved); }
 };
 
-// _step(specs, state, grad_scale, found_inf) -> bool. specs: one tuple per param group, (params, key, lr, momentum,
-// weight_decay, maximize, momentum_dtype, master_weights, may_skip, sr_seed); groups with equal keys share op calls.
+// _step(specs, state, grad_scale, found_inf, cache=None) -> bool. specs: one tuple per param group, (params, key, lr,
+// momentum, weight_decay, maximize, momentum_dtype, master_weights, may_skip, sr_seed); groups with equal keys share
+// op calls. cache: the optimizer's StateCache (from _state_cache()), or None to look everything up.
 // Returns False, having changed nothing, where a tensor is not a plain strided Tensor or Parameter (DTensor, other
 // subclasses, sparse grads) or a state entry is not a dict: FusedNAG's Python path handles those. Raises, having
 // changed nothing, on bad input.
 PyObject* step(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *specs, *state, *grad_scale_obj, *found_inf_obj;
-  if (!PyArg_ParseTuple(args, "O!O!OO", &PyList_Type, &specs, &PyDict_Type, &state, &grad_scale_obj, &found_inf_obj)) {
+  PyObject *specs, *state, *grad_scale_obj, *found_inf_obj, *cache_obj = Py_None;
+  if (!PyArg_ParseTuple(args, "O!O!OO|O", &PyList_Type, &specs, &PyDict_Type, &state, &grad_scale_obj,
+                        &found_inf_obj, &cache_obj)) {
     return nullptr;
   }
+  StateCache* cache = nullptr;
+  bool known = false;  // the cache's entries hold for opt.state as it is (see StateCache)
+#ifdef NAG_DICT_VERSIONS
+  const uint64_t state_version = version_of(state);
+  if (cache_obj != Py_None) {
+    cache = static_cast<StateCache*>(PyCapsule_GetPointer(cache_obj, "nag_cuda.StateCache"));
+    if (cache == nullptr) return nullptr;
+    known = cache->state.get() == state && cache->version == state_version;
+    cache->state = nullptr;  // until every entry has been checked (a return or exception midway leaves none)
+  }
+#endif
+  size_t position = 0;  // of the param in the groups' lists, its entry's index
   const std::optional<at::Tensor> grad_scale = optional_tensor(grad_scale_obj);
   const std::optional<at::Tensor> found_inf = optional_tensor(found_inf_obj);
   std::vector<NewState> new_state;
@@ -187,18 +239,43 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
       if (!THPVariable_CheckExact(obj)) Py_RETURN_FALSE;
       const at::Tensor& p = THPVariable_Unpack(obj);
       const at::Tensor& grad = p.grad();
-      if (!grad.defined()) continue;
-      if (grad.layout() != at::kStrided) Py_RETURN_FALSE;
-      if (id_hash < 0) {
-        const Py_hash_t h = PyObject_Hash(obj);
-        if (h == -1) return nullptr;
-        id_hash = h == reinterpret_cast<Py_hash_t>(obj);
+      StateCache::Entry* entry = nullptr;
+      if (cache != nullptr) {
+        if (position == cache->entries.size()) cache->entries.emplace_back();
+        entry = &cache->entries[position];
       }
-      PyObject* st = state_of(state, obj, id_hash == 1);
-      if (st != nullptr && !PyDict_CheckExact(st)) Py_RETURN_FALSE;
+      ++position;
+      if (!grad.defined()) {
+        if (entry != nullptr && !known) entry->param = nullptr;  // (not looked up: it holds for no version)
+        continue;
+      }
+      if (grad.layout() != at::kStrided) Py_RETURN_FALSE;
+      PyObject *st, *buf_obj, *master_obj;
+#ifdef NAG_DICT_VERSIONS
+      if (entry != nullptr && known && entry->param == obj &&
+          (entry->state == nullptr || version_of(entry->state) == entry->version)) {
+        st = entry->state;
+        buf_obj = entry->buf;
+        master_obj = entry->master;
+      } else
+#endif
+      {
+        if (id_hash < 0) {
+          const Py_hash_t h = PyObject_Hash(obj);
+          if (h == -1) return nullptr;
+          id_hash = h == reinterpret_cast<Py_hash_t>(obj);
+        }
+        st = state_of(state, obj, id_hash == 1);
+        if (st != nullptr && !PyDict_CheckExact(st)) Py_RETURN_FALSE;
+        buf_obj = state_item(st, momentum_buffer_key);
+        master_obj = state_item(st, master_param_key);
+#ifdef NAG_DICT_VERSIONS
+        if (entry != nullptr) *entry = {obj, st, st != nullptr ? version_of(st) : 0, buf_obj, master_obj};
+#endif
+      }
       const at::Tensor *buf, *master_param = nullptr;
-      if (!read_state(st, momentum_buffer_key, buf)) Py_RETURN_FALSE;
-      if (master && !read_state(st, master_param_key, master_param)) Py_RETURN_FALSE;
+      if (!state_tensor(buf_obj, buf)) Py_RETURN_FALSE;
+      if (master && !state_tensor(master_obj, master_param)) Py_RETURN_FALSE;
 
       const c10::Device device = p.device();
 #ifdef NAG_WITH_CUDA
@@ -219,6 +296,10 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
           call.weight_decay = weight_decay;
           call.maximize = maximize;
           call.sr_seed = sr_seed;
+          const size_t rest = PyList_GET_SIZE(params) - i;  // (room for the rest of the group: no regrowth)
+          for (Borrowed* list : {&call.params, &call.grads, &call.bufs}) list->reserve(rest);
+          if (master) call.masters.reserve(rest);
+          call.first.reserve(rest);
         }
         last_key = call_key;
         last_call = it->second;
@@ -250,6 +331,14 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
       call.numel += p.numel();
     }
   }
+
+#ifdef NAG_DICT_VERSIONS
+  if (cache != nullptr) {  // every param's entry checked or made for this version of opt.state
+    cache->entries.resize(position);
+    cache->state = THPObjectPtr(Py_NewRef(state));
+    cache->version = state_version;
+  }
+#endif
 
   // Every call is checked before the first one writes (the first checks itself), so bad input changes nothing.
   int64_t numel = 0;
@@ -291,8 +380,19 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// _state_cache() -> an empty StateCache, for one optimizer's steps (FusedNAG._state_cache).
+PyObject* state_cache(PyObject* /*module*/, PyObject* /*args*/) {
+  HANDLE_TH_ERRORS
+  auto* cache = new StateCache();
+  PyObject* capsule = PyCapsule_New(cache, "nag_cuda.StateCache", delete_cache);
+  if (capsule == nullptr) delete cache;
+  return capsule;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"_step", step, METH_VARARGS, "FusedNAG.step() for plain tensors: see csrc/nag_step.cpp"},
+    {"_state_cache", state_cache, METH_NOARGS, "An empty cache of opt.state lookups for _step"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -213,11 +213,13 @@ class FusedNAG(Optimizer):
                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
         _check_group(defaults)
         self._sparse = False  # a step has met a sparse gradient: later steps take the careful path at once
+        self._state_cache = _C._state_cache()  # the C++ step's opt.state lookups, kept while they hold
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_sparse", False)
+        self._state_cache = _C._state_cache()  # (not in the state: a copy looks up its own)
         for group in self.param_groups:
             for key, value in _LATER_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -332,7 +334,8 @@ class FusedNAG(Optimizer):
         specs = [(group["params"], keys.setdefault(settings, len(keys)), lr, *hyper, group["momentum_dtype"],
                   group["master_weights"], may_skip, sr_seed)
                  for group, settings, lr, hyper, may_skip, sr_seed in self._groups()]
-        return _C._step(specs, self.state, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return _C._step(specs, self.state, getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
+                        self._state_cache)
 
     def _advance(self) -> None:
         for group in self.param_groups:

@@ -1,7 +1,8 @@
-"""The step's C++ host path (csrc/nag_step.cpp) reads grads, state and param groups afresh at every step. Each test
-changes one of them between steps, as user code may, and compares with torch.optim.SGD(nesterov=True), bit for bit,
-after every step: anything remembered from an earlier step (a cache of grads, buffers, data pointers or settings)
-would fail them."""
+"""The step's C++ host path (csrc/nag_step.cpp) reads grads, tensors and param groups afresh at every step, and reuses
+last step's lookups in opt.state only while Python's dict version tags say they hold. Each test changes something
+between steps, as user code may, and compares with torch.optim.SGD(nesterov=True), bit for bit, after every step:
+anything remembered from an earlier step that no longer holds (a stale lookup, a grad, a data pointer, a setting)
+fails them (a stale lookup in opt.state can also crash the process, which fails them too)."""
 
 import copy
 import pickle
@@ -71,6 +72,11 @@ def replace_buffer(params, opt):
     opt.state[params[1]]["momentum_buffer"] = torch.full_like(params[1], 0.5)
 
 
+def swap_buffer_object(params, opt):  # swap_tensors: the buffer's Python object now holds another tensor
+    buf = opt.state[params[1]]["momentum_buffer"]
+    torch.utils.swap_tensors(buf, torch.linspace(-1, 1, buf.numel()).view(buf.shape))
+
+
 def swap_buffer_storage(params, opt):  # the same tensor object, other memory: a cached data pointer would be stale
     buf = opt.state[params[0]]["momentum_buffer"]
     buf.set_(torch.linspace(-1, 1, buf.numel()).view(buf.shape))
@@ -90,6 +96,13 @@ EDITS = {
     "buffer set to None": at(2, lambda params, opt: opt.state[params[1]].__setitem__("momentum_buffer", None)),
     "buffer changed in place": at(2, lambda params, opt: opt.state[params[2]]["momentum_buffer"].mul_(-0.5)),
     "buffer storage swapped": at(3, swap_buffer_storage),
+    "buffer object swapped": at(3, swap_buffer_object),
+    "state dict copied, same buffer": at(2, lambda params, opt: opt.state.__setitem__(params[0],
+                                                                                      dict(opt.state[params[0]]))),
+    "other state key added": at(2, lambda params, opt: opt.state[params[1]].__setitem__("step", 3)),
+    "params reordered": at(2, lambda params, opt: opt.param_groups[0]["params"].reverse()),
+    "param removed, then back": lambda step, params, opt: opt.param_groups[0].__setitem__(
+        "params", params[1:] if step == 2 else list(params)),
     "param .data reassigned": at(2, lambda params, opt: setattr(params[1], "data", torch.linspace(0, 1, 45).view(5, 9))),
     "param changed in place": at(4, lambda params, opt: params[0].detach().add_(1.0)),
     "hyperparameters changed": at(2, change_hyperparameters),
@@ -108,6 +121,28 @@ def test_edit_between_steps_matches_torch(edit, c_path_only):
                          ids=["grad None every other step", "grad appears late", "frozen, grad None"])
 def test_grads_present_or_not_match_torch(skip, c_path_only):
     run(lambda step, params, opt: None, skip=skip)
+
+
+def test_state_deleted_while_grad_is_none_matches_torch(c_path_only):
+    """A step that looks opt.state up again (it changed) skips params without grads; their last lookups must not
+    be reused once they have grads again (here: a deleted state dict and its buffer)."""
+    popped = []  # kept alive, so that a stale lookup would find the old dict, unchanged, rather than freed memory
+    run(at(2, lambda params, opt: popped.append(opt.state.pop(params[0]))), skip=lambda step: (0,) if step == 2 else ())
+
+
+def test_buffer_subclass_for_one_step_matches_torch():
+    """A buffer the C++ path declines sends one step to the Python path, midway through the C++ path's lookups."""
+    class Sub(torch.Tensor):
+        pass
+
+    def edit(step, params, opt):
+        if step in (2, 3):
+            st = opt.state[params[2]]
+            st["momentum_buffer"] = st["momentum_buffer"].as_subclass(Sub if step == 2 else torch.Tensor)
+        if step == 3:
+            opt.state.pop(params[0])
+
+    run(edit)
 
 
 def test_add_param_group_mid_run_matches_torch(c_path_only):
