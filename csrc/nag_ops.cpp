@@ -152,14 +152,19 @@ CallChecks check_call(at::TensorList params, at::TensorList grads, at::TensorLis
 // Prefetches for the loops over a step's tensors. Each tensor's TensorImpl, StorageImpl and version counter is a
 // separate allocation, and a cache miss once a step has more tensors than the caches hold (thousands): the loops below
 // ask for them a few tensors ahead, so that their misses overlap instead of coming one after the other.
+// (every line of the object, which starts anywhere in its first line: 176 bytes span three or four)
 void prefetch_impl(const at::Tensor& t) {
   const char* impl = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
   __builtin_prefetch(impl);
   __builtin_prefetch(impl + 64);
   __builtin_prefetch(impl + 128);
+  __builtin_prefetch(impl + sizeof(c10::TensorImpl) - 1);
 }
+// (the lines of the data pointer and the flags read with it)
 void prefetch_storage(const at::Tensor& t) {
-  __builtin_prefetch(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+  const char* storage = reinterpret_cast<const char*>(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+  __builtin_prefetch(storage + 16);
+  __builtin_prefetch(storage + 63);
 }
 void prefetch_version(const at::Tensor& t) {
   // (a VariableVersion is one pointer, to its counter)

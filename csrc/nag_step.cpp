@@ -238,7 +238,10 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
       PyObject* obj = PyList_GET_ITEM(params, i);
       if (!THPVariable_CheckExact(obj)) Py_RETURN_FALSE;
       const at::Tensor& p = THPVariable_Unpack(obj);
-      const at::Tensor& grad = p.grad();
+      // (the TensorImpl's grad: Tensor::grad() would also ask whether p is a leaf, for a warning when it is not and
+      // has no grad, which the call below still gives)
+      const at::Tensor& impl_grad = p.unsafeGetTensorImpl()->grad();
+      const at::Tensor& grad = impl_grad.defined() ? impl_grad : p.grad();
       StateCache::Entry* entry = nullptr;
       if (cache != nullptr) {
         if (position == cache->entries.size()) cache->entries.emplace_back();
