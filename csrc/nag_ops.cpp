@@ -355,7 +355,8 @@ void for_each_written(at::TensorList params, at::TensorList grads, at::TensorLis
                       const std::optional<at::TensorList>& master_params, bool scaled, F&& f) {
   auto each = [&](at::TensorList list, const char* name) {
     for (size_t i = 0; i < list.size(); ++i) {
-      if (i + 8 < list.size()) prefetch_impl(list[i + 8]);
+      // (of each TensorImpl, only the line that holds its version counter, which is what the bumps read)
+      if (i + 8 < list.size()) __builtin_prefetch(&list[i + 8].unsafeGetTensorImpl()->version_counter());
       if (i + 4 < list.size()) prefetch_version(list[i + 4]);
       f(list[i], name, i);
     }
