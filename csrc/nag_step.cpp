@@ -132,7 +132,10 @@ struct StateCache {
     PyObject* buf = nullptr;
     PyObject* master = nullptr;
   };
-  THPObjectPtr state;  // opt.state, owned so that no other dict can take its address; null: no entry holds
+  // opt.state when the entries were checked, and its version tag then: only compared, never read (the cache does
+  // not keep an old opt.state and its buffers alive); a new dict at the same address has another tag. null: no
+  // entry holds.
+  PyObject* state = nullptr;
   uint64_t version = 0;
   std::vector<Entry> entries;
 };
@@ -197,7 +200,7 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
   if (cache_obj != Py_None) {
     cache = static_cast<StateCache*>(PyCapsule_GetPointer(cache_obj, "nag_cuda.StateCache"));
     if (cache == nullptr) return nullptr;
-    known = cache->state.get() == state && cache->version == state_version;
+    known = cache->state == state && cache->version == state_version;
     cache->state = nullptr;  // until every entry has been checked (a return or exception midway leaves none)
   }
 #endif
@@ -338,7 +341,7 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
 #ifdef NAG_DICT_VERSIONS
   if (cache != nullptr) {  // every param's entry checked or made for this version of opt.state
     cache->entries.resize(position);
-    cache->state = THPObjectPtr(Py_NewRef(state));
+    cache->state = state;
     cache->version = state_version;
   }
 #endif

@@ -5,7 +5,11 @@ anything remembered from an earlier step that no longer holds (a stale lookup, a
 fails them (a stale lookup in opt.state can also crash the process, which fails them too)."""
 
 import copy
+import ctypes
+import gc
 import pickle
+import sys
+import weakref
 
 import pytest
 import torch
@@ -143,6 +147,38 @@ def test_buffer_subclass_for_one_step_matches_torch():
             opt.state.pop(params[0])
 
     run(edit)
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="3.14 has no dict version tags; the C++ path looks up")
+def test_dict_version_tags_change_with_every_modification():
+    """What the C++ path's reuse of opt.state lookups assumes of this Python (PEP 509): a dict's version tag changes
+    with each modification, and a new dict gets a tag no other dict had, even at a freed dict's address."""
+    def tag(d):  # PyDictObject.ma_version_tag, after the header and ma_used
+        return ctypes.c_uint64.from_address(id(d) + 3 * ctypes.sizeof(ctypes.c_ssize_t)).value
+
+    state = {}
+    for change in (lambda d: d.__setitem__("momentum_buffer", 1), lambda d: d.__setitem__("momentum_buffer", 2),
+                   lambda d: d.pop("momentum_buffer"), lambda d: d.setdefault("step", 0), lambda d: d.clear()):
+        before = tag(state)
+        change(state)
+        assert tag(state) != before
+    seen = {}
+    for i in range(1000):
+        d = {"momentum_buffer": i}
+        assert seen.get(id(d)) != tag(d)
+        seen[id(d)] = tag(d)
+        del d
+
+
+def test_old_state_is_freed_after_load_state_dict(c_path_only):
+    """The cache of opt.state lookups does not keep a replaced opt.state (and its buffers) alive."""
+    ours, _, opt, _ = twins()
+    give_grads(ours, 0)
+    opt.step()
+    old_buf = weakref.ref(opt.state[ours[0]]["momentum_buffer"])
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    gc.collect()
+    assert old_buf() is None
 
 
 def test_add_param_group_mid_run_matches_torch(c_path_only):
