@@ -188,7 +188,7 @@ NAG_AVX2 inline void update16(uint16_t* p, const uint16_t* g, SB* b, float* mast
   }
 }
 
-template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename P, typename SB>
+template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename P, typename B, typename SB>
 NAG_AVX2 void update_in_registers(uint16_t* p, const uint16_t* g, SB* b, float* master, int64_t n,
                                   const Hyper<float>& h) {
   const Hyper<float> hyper = h;  // a local copy, as in update_chunk
@@ -197,19 +197,11 @@ NAG_AVX2 void update_in_registers(uint16_t* p, const uint16_t* g, SB* b, float* 
     update16<kFirst, kDecay, kFused, kMode, P>(p + i, g + i, b + i, kMode == Mode::kMaster ? master + i : nullptr,
                                                hyper);
   }
-  const int64_t m = n - i;  // the last n % 16 elements go through zero-padded copies
-  if (m == 0) return;
-  uint16_t pt[16] = {}, gt[16] = {};
-  SB bt[16] = {};
-  float mt[16] = {};
-  std::copy_n(p + i, m, pt);
-  std::copy_n(g + i, m, gt);
-  std::copy_n(b + i, m, bt);
-  if (kMode == Mode::kMaster) std::copy_n(master + i, m, mt);
-  update16<kFirst, kDecay, kFused, kMode, P>(pt, gt, bt, mt, hyper);
-  std::copy_n(pt, m, p + i);
-  std::copy_n(bt, m, b + i);
-  if (kMode == Mode::kMaster) std::copy_n(mt, m, master + i);
+  // The last n % 16 elements one at a time, with the same bits (a small tensor, a bias, is often all remainder).
+  if (i < n) {
+    update_chunk<kFirst, kDecay, kFused, kMode, P, B>(p + i, g + i, b + i, kMode == Mode::kMaster ? master + i : nullptr,
+                                                      n - i, hyper, nullptr);
+  }
 }
 
 // GradScaler for 16-bit grads: unscale_chunk's math, 16 at a time.
@@ -233,7 +225,7 @@ void update_span(SP* p, const SP* g, SB* b, float* master, int64_t n, const Hype
                  int64_t begin) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (kInRegisters<P, B, kMode>) {
-    if (has_avx2()) return update_in_registers<kFirst, kDecay, kFused, kMode, P>(p, g, b, master, n, h);
+    if (has_avx2()) return update_in_registers<kFirst, kDecay, kFused, kMode, P, B>(p, g, b, master, n, h);
   }
 #endif
   if constexpr (kMode == Mode::kStochastic) {  // the random bits a tile at a time: the hash vectorises on its own,
