@@ -115,9 +115,11 @@ struct CallChecks {
   Mode mode;
   bool unscale;         // grads are written too (GradScaler)
   bool inference_mode;  // (read once: a thread-local in another library costs a call per read)
-  // The (param dtype, buffer dtype) pair last found to have a kernel, which lets the next param skip the lookup.
+  // The (param dtype, buffer dtype) pair last found to have a kernel, and that kernel: the next param with the same
+  // pair skips the lookup.
   at::ScalarType known_param = at::ScalarType::Undefined;
   at::ScalarType known_buf = at::ScalarType::Undefined;
+  Kind known_kind{Dtype::kFloat, Dtype::kFloat, Mode::kPlain};
 };
 
 // The checks of a whole call (lengths, lr, GradScaler's tensors).
@@ -186,12 +188,9 @@ Kind check_tensors(const at::Tensor& p, const at::Tensor& grad, const at::Tensor
   check_tensor(grad, "grads", i, p, p.scalar_type());
   TORCH_CHECK(buf.defined(), "nag_step_: momentum_buffers[", i, "] is undefined");
   check_tensor(buf, "momentum_buffers", i, p, buf.scalar_type());
-  Kind kind{Dtype::kFloat, Dtype::kFloat, call.mode};
-  if (call.known_param == p.scalar_type() && call.known_buf == buf.scalar_type() && !p.is_complex()) {
-    kind.param = to_dtype(p.scalar_type(), i);
-    kind.buf = to_dtype(buf.scalar_type(), i);
-  } else {
-    kind = kind_of(p, buf, call.mode, i);
+  Kind kind = call.known_kind;
+  if (call.known_param != p.scalar_type() || call.known_buf != buf.scalar_type() || p.is_complex()) {
+    kind = call.known_kind = kind_of(p, buf, call.mode, i);
     call.known_param = p.scalar_type();
     call.known_buf = buf.scalar_type();
   }

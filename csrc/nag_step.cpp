@@ -16,6 +16,7 @@
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/object_ptr.h>
 
 #include "nag_ops.h"
@@ -241,10 +242,10 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
       PyObject* obj = PyList_GET_ITEM(params, i);
       if (!THPVariable_CheckExact(obj)) Py_RETURN_FALSE;
       const at::Tensor& p = THPVariable_Unpack(obj);
-      // (the TensorImpl's grad: Tensor::grad() would also ask whether p is a leaf, for a warning when it is not and
-      // has no grad, which the call below still gives)
-      const at::Tensor& impl_grad = p.unsafeGetTensorImpl()->grad();
-      const at::Tensor& grad = impl_grad.defined() ? impl_grad : p.grad();
+      // (read from the AutogradMeta, which autograd's own code does too: Tensor::grad() takes two calls to get there
+      // and asks whether p is a leaf, for a warning when it is not and has no grad, which the call below still gives)
+      const auto* meta = torch::autograd::impl::get_autograd_meta(p);
+      const at::Tensor& grad = meta != nullptr && meta->grad_.defined() ? meta->grad_ : p.grad();
       StateCache::Entry* entry = nullptr;
       if (cache != nullptr) {
         if (position == cache->entries.size()) cache->entries.emplace_back();
