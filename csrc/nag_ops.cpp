@@ -165,6 +165,7 @@ void prefetch_impl(const at::Tensor& t) {
 // (the lines of the data pointer and the flags read with it)
 void prefetch_storage(const at::Tensor& t) {
   const char* storage = reinterpret_cast<const char*>(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
+  if (storage == nullptr) return;  // (a tensor without storage, which the checks will refuse)
   __builtin_prefetch(storage + 16);
   __builtin_prefetch(storage + 63);
 }

@@ -6,8 +6,9 @@
 // launch needs no per-block table and holds any number of blocks; it is limited only by kMaxSegments entries.
 // A group with more tensors than that, or with more blocks than max_blocks, is split into several launches.
 //
-// This header includes nothing from torch or CUDA: the CUDA kernel, the CPU kernel (which runs the same schedule,
-// a block per parallel task) and the test-only op nag_cuda::_plan all use it, so tests check the indexing on CPU.
+// This header includes nothing from torch or CUDA: the CUDA kernel, the CPU kernel (which runs the same schedule
+// block by block, a range of blocks per parallel task) and the test-only op nag_cuda::_plan all use it, so tests
+// check the indexing on CPU.
 #pragma once
 
 #include <cstdint>
