@@ -1,7 +1,9 @@
 // The CPU kernel: runs the same schedule as the CUDA kernel, one parallel task per range of blocks, and the same
 // per-element math (nag_math.h). The inner loop is plain enough for the compiler to vectorise.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 
 #include <ATen/Parallel.h>
@@ -94,6 +96,31 @@ NAG_VECTOR_CLONES void random_bits(uint32_t* __restrict__ out, int64_t n, uint64
 template <typename T, typename S = typename Io<T>::Storage, typename M = typename Io<T>::Math>
 NAG_VECTOR_CLONES void unscale_chunk(S* __restrict__ g, int64_t n, float inv_scale) {
   for (int64_t i = 0; i < n; ++i) g[i] = Io<T>::store(unscale(Io<T>::load(g[i]), inv_scale));
+}
+
+// Clipping: a block's grads times the coefficient, rounded to their dtype (see clip), into a tile that the update
+// then reads in their place. The block's grads are read from memory once, and the tile stays in the core's cache.
+template <typename T, typename S = typename Io<T>::Storage>
+NAG_VECTOR_CLONES void clip_chunk(const S* __restrict__ g, S* __restrict__ out, int64_t n, float coef) {
+  for (int64_t i = 0; i < n; ++i) out[i] = Io<T>::store(clip(Io<T>::load(g[i]), coef));
+}
+
+// The norm's partial result of n grads (see norm_term), in double: eight running results, which gcc vectorises,
+// combined in a fixed order, so the result does not depend on the thread count.
+template <NormKind K, typename T, typename S = typename Io<T>::Storage>
+NAG_VECTOR_CLONES double norm_chunk(const S* __restrict__ g, int64_t n, float inv_scale, double p) {
+  double acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const double x = unscale(Io<T>::load(g[i + j]), inv_scale);
+      acc[j] = norm_combine<K>(acc[j], norm_term<K>(x, p));
+    }
+  }
+  for (; i < n; ++i) acc[0] = norm_combine<K>(acc[0], norm_term<K>(double(unscale(Io<T>::load(g[i]), inv_scale)), p));
+  double total = acc[0];
+  for (int j = 1; j < 8; ++j) total = norm_combine<K>(total, acc[j]);
+  return total;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -278,7 +305,8 @@ bool torch_fuses_multiply_add() {
 // cost more than the update.
 template <bool kDecay, bool kFused, Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
 void update_blocks(const LaunchTable& t, int64_t begin, int64_t end, const Hyper<M>& h, const float* inv_scale,
-                   uint64_t launch_key) {
+                   const float* coef, uint64_t launch_key) {
+  std::unique_ptr<SP[]> clipped(coef != nullptr ? new SP[kChunk] : nullptr);
   BlockWork w = block_work(t.block_start, t.numel, t.size, begin);
   for (int64_t block = begin; block < end; ++block) {
     if (block >= t.block_start[w.segment + 1]) {
@@ -293,6 +321,7 @@ void update_blocks(const LaunchTable& t, int64_t begin, int64_t end, const Hyper
       __builtin_prefetch(t.param[seg + 4]);
       __builtin_prefetch(t.grad[seg + 4]);
       __builtin_prefetch(t.buf[seg + 4]);
+      if (kMode == Mode::kMaster) __builtin_prefetch(t.master[seg + 4]);
     }
     SP* p = static_cast<SP*>(t.param[seg]) + w.begin;
     SP* g = static_cast<SP*>(t.grad[seg]) + w.begin;
@@ -301,6 +330,10 @@ void update_blocks(const LaunchTable& t, int64_t begin, int64_t end, const Hyper
     const uint64_t key = kMode == Mode::kStochastic ? derive_key(launch_key, seg) : 0;
     const int64_t n = w.end - w.begin;
     if (inv_scale != nullptr) unscale_span<P>(g, n, *inv_scale);
+    if (coef != nullptr) {
+      clip_chunk<P>(g, clipped.get(), n, *coef);
+      g = clipped.get();
+    }
     if (t.first[seg] != 0) {
       update_span<true, kDecay, kFused, kMode, P, B>(p, g, b, master, n, h, key, w.begin);
     } else {
@@ -315,6 +348,7 @@ void run(const Group& group, const StepArgs& a) {
   using SB = typename Io<B>::Storage;
   using M = typename Io<P>::Math;
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
+  if (a.grad_coef != nullptr && std::isnan(*a.grad_coef)) return;  // a non-finite grad norm: skip it too
   const float inv_scale = a.inv_grad_scale != nullptr ? *a.inv_grad_scale : 1.0f;
   const double lr = a.lr_tensor == nullptr ? a.lr
                     : a.lr_tensor_is_double ? *static_cast<const double*>(a.lr_tensor)
@@ -331,14 +365,53 @@ void run(const Group& group, const StepArgs& a) {
       with_flag(torch_fuses_multiply_add(), [&](auto fused) {
         at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
           update_blocks<decltype(decay)::value, decltype(fused)::value, kMode, P, B, SP, SB>(
-              t, begin, end, h, a.inv_grad_scale != nullptr ? &inv_scale : nullptr, launch_key);
+              t, begin, end, h, a.inv_grad_scale != nullptr ? &inv_scale : nullptr, a.grad_coef, launch_key);
         });
       });
     });
   });
 }
 
+template <typename T>
+void norm(const Group& group, NormKind kind, float p, const float* inv_grad_scale, double* partials) {
+  using S = typename Io<T>::Storage;
+  const float inv_scale = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
+  const StepArgs no_args{};
+  int64_t first_block = 0;  // of the launch, in the step's order of blocks
+  LaunchTable table;
+  for_each_table(group, no_args, table, [&](const LaunchTable& t, uint64_t) {
+    const int64_t blocks = t.block_start[t.size];
+    int64_t elements = 0;
+    for (int s = 0; s < t.size; ++s) elements += t.numel[s];
+    const int64_t grain = elements <= at::internal::GRAIN_SIZE ? blocks : 1;
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const BlockWork w = block_work(t.block_start, t.numel, t.size, block);
+        const S* g = static_cast<const S*>(t.grad[w.segment]) + w.begin;
+        const int64_t n = w.end - w.begin;
+        double& out = partials[first_block + block];
+        switch (kind) {
+          case NormKind::kTwo: out = norm_chunk<NormKind::kTwo, T>(g, n, inv_scale, p); break;
+          case NormKind::kOne: out = norm_chunk<NormKind::kOne, T>(g, n, inv_scale, p); break;
+          case NormKind::kInf: out = norm_chunk<NormKind::kInf, T>(g, n, inv_scale, p); break;
+          case NormKind::kOther: out = norm_chunk<NormKind::kOther, T>(g, n, inv_scale, p); break;
+        }
+      }
+    });
+    first_block += blocks;
+  });
+}
+
 }  // namespace
+
+void norm_cpu(const Group& grads, NormKind kind, float p, const float* inv_grad_scale, double* partials) {
+  switch (grads.kind.param) {
+    case Dtype::kFloat: return norm<float>(grads, kind, p, inv_grad_scale, partials);
+    case Dtype::kDouble: return norm<double>(grads, kind, p, inv_grad_scale, partials);
+    case Dtype::kHalf: return norm<c10::Half>(grads, kind, p, inv_grad_scale, partials);
+    case Dtype::kBFloat16: return norm<c10::BFloat16>(grads, kind, p, inv_grad_scale, partials);
+  }
+}
 
 void run_cpu(const Group& group, const StepArgs& args) {
   const bool known = visit_kind<float, double, c10::Half, c10::BFloat16>(group.kind, [&](auto p, auto b, auto mode) {

@@ -12,7 +12,8 @@
 
 namespace nag {
 
-// One (device, kind) group: dense tensors of equal layout, ready for the kernels.
+// One (device, kind) group: dense tensors of equal layout, ready for the kernels. The norm of max_grad_norm takes a
+// group of grads alone (param, buf, master and first empty; kind.param their dtype).
 struct Group {
   Kind kind{Dtype::kFloat, Dtype::kFloat, Mode::kPlain};
   int64_t param_size = 0;  // bytes per element of params (and grads) and of buffers
@@ -45,12 +46,12 @@ void for_each_table(const Group& g, const StepArgs& args, LaunchTable& table, La
                   for (int64_t i = 0; i < count; ++i) {
                     const int64_t t = s[i].tensor;
                     const int64_t offset = s[i].offset;
-                    table.param[i] = static_cast<char*>(g.param[t]) + offset * g.param_size;
+                    table.param[i] = g.param.empty() ? nullptr : static_cast<char*>(g.param[t]) + offset * g.param_size;
                     table.grad[i] = static_cast<char*>(g.grad[t]) + offset * g.param_size;
-                    table.buf[i] = static_cast<char*>(g.buf[t]) + offset * g.buf_size;
+                    table.buf[i] = g.buf.empty() ? nullptr : static_cast<char*>(g.buf[t]) + offset * g.buf_size;
                     table.master[i] = g.master.empty() ? nullptr : static_cast<float*>(g.master[t]) + offset;
                     table.numel[i] = s[i].numel;
-                    table.first[i] = g.first[t];
+                    table.first[i] = g.first.empty() ? 0 : g.first[t];
                   }
                   fill_block_start(s, count, table.block_start);
                   table.size = static_cast<int32_t>(count);
@@ -61,5 +62,11 @@ void for_each_table(const Group& g, const StepArgs& args, LaunchTable& table, La
 // Device runners; each updates every tensor of the group.
 void run_cpu(const Group& group, const StepArgs& args);
 void run_cuda(const Group& group, const StepArgs& args, c10::Device device);  // only in CUDA builds (NAG_WITH_CUDA)
+
+// The norm's partial results of a group of grads, one per block of its schedule, in block order into `partials`
+// (room for every block): see cuda_norm_launch in nag_launch.h.
+void norm_cpu(const Group& grads, NormKind kind, float p, const float* inv_grad_scale, double* partials);
+void norm_cuda(const Group& grads, NormKind kind, float p, const float* inv_grad_scale, float* partials,
+               c10::Device device);  // only in CUDA builds
 
 }  // namespace nag

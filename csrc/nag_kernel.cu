@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "nag_launch.h"
 #include "nag_math.h"
 #include "nag_schedule.h"
@@ -57,10 +59,11 @@ struct Slice {
   float* master;
   uint64_t key;
   int64_t begin;  // the block's first element within its segment: the random bits' counter
+  float coef;     // clipping (kClip): the grads' coefficient
 };
 
 // Elements [i, i + N) of a slice: loaded, updated by nag_update (nag_math.h), rounded once and stored.
-template <bool kFirst, Mode kMode, int N, typename P, typename B, typename M>
+template <bool kFirst, Mode kMode, bool kClip, int N, typename P, typename B, typename M>
 __device__ __forceinline__ void update_pack(const Slice<P, B>& s, int64_t i, const Hyper<M>& h) {
   Pack<P, N> pv;
   Pack<float, N> mv;
@@ -76,10 +79,12 @@ __device__ __forceinline__ void update_pack(const Slice<P, B>& s, int64_t i, con
   for (int k = 0; k < N; ++k) {
     M pm = kMode == Mode::kMaster ? mv.v[k] : to_math(pv.v[k]);
     M bm = kFirst ? M(0) : to_math(bv.v[k]);
+    // (clipped as clip_grad_norm_'s in-place multiply leaves the grad: rounded to its dtype)
+    const M gm = kClip ? to_math(from_math<P>(clip(to_math(gv.v[k]), s.coef))) : to_math(gv.v[k]);
     if (h.weight_decay != M(0)) {  // the same for every thread: no divergence
-      nag_update<kFirst, true>(pm, to_math(gv.v[k]), bm, h);
+      nag_update<kFirst, true>(pm, gm, bm, h);
     } else {
-      nag_update<kFirst, false>(pm, to_math(gv.v[k]), bm, h);
+      nag_update<kFirst, false>(pm, gm, bm, h);
     }
     if constexpr (kMode == Mode::kMaster) mv.v[k] = pm;
     if constexpr (kMode == Mode::kStochastic) {
@@ -95,7 +100,7 @@ __device__ __forceinline__ void update_pack(const Slice<P, B>& s, int64_t i, con
 }
 
 // Elements [0, n) of one chunk: vectors where every pointer allows it, scalars for the rest.
-template <bool kFirst, Mode kMode, typename P, typename B, typename M>
+template <bool kFirst, Mode kMode, bool kClip, typename P, typename B, typename M>
 __device__ __forceinline__ void update_chunk(const Slice<P, B>& s, int64_t n, const Hyper<M>& h) {
   constexpr size_t kWidest = sizeof(P) > sizeof(B) ? sizeof(P) : sizeof(B);
   constexpr int N = 16 / (kMode == Mode::kMaster && kWidest < 4 ? 4 : kWidest);
@@ -104,10 +109,10 @@ __device__ __forceinline__ void update_chunk(const Slice<P, B>& s, int64_t n, co
       (kMode != Mode::kMaster || aligned<float, N>(s.master))) {
     vec_end = n - n % N;
     for (int64_t i = int64_t(threadIdx.x) * N; i < vec_end; i += int64_t(kThreads) * N) {
-      update_pack<kFirst, kMode, N>(s, i, h);
+      update_pack<kFirst, kMode, kClip, N>(s, i, h);
     }
   }
-  for (int64_t i = vec_end + threadIdx.x; i < n; i += kThreads) update_pack<kFirst, kMode, 1>(s, i, h);
+  for (int64_t i = vec_end + threadIdx.x; i < n; i += kThreads) update_pack<kFirst, kMode, kClip, 1>(s, i, h);
 }
 
 // GradScaler: the chunk's grads unscaled in place (rounded to their dtype, as torch.amp.GradScaler.unscale_ leaves
@@ -119,13 +124,15 @@ __device__ __forceinline__ void unscale_chunk(T* g, int64_t n, float inv_scale) 
 
 // NOTE: __grid_constant__ guarantees that blocks read the 32 KiB table where it is, in kernel-parameter memory,
 // with a dynamic index; a copy into each thread's local memory would cost more than the update itself.
-template <typename P, typename B, Mode kMode, bool kScaled>
+template <typename P, typename B, Mode kMode, bool kScaled, bool kClip>
 __global__ void __launch_bounds__(kThreads)
     nag_kernel(const __grid_constant__ LaunchTable table, Hyper<typename Math<P>::type> h,
                const float* inv_grad_scale, const float* found_inf, const void* lr_tensor, bool lr_is_double,
-               uint64_t launch_key) {
+               const float* grad_coef, uint64_t launch_key) {
   using M = typename Math<P>::type;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // GradScaler found inf/nan: skip the step
+  const float coef = kClip ? *grad_coef : 1.0f;
+  if (coef != coef) return;  // a non-finite grad norm (max_grad_norm): skip the step too
   if (lr_tensor != nullptr) {  // as a float lr is converted: through double (exact for float32)
     h.lr = static_cast<M>(lr_is_double ? *static_cast<const double*>(lr_tensor)
                                        : static_cast<double>(*static_cast<const float*>(lr_tensor)));
@@ -135,16 +142,16 @@ __global__ void __launch_bounds__(kThreads)
   const Slice<P, B> s{static_cast<P*>(table.param[seg]) + w.begin, static_cast<P*>(table.grad[seg]) + w.begin,
                       static_cast<B*>(table.buf[seg]) + w.begin,
                       kMode == Mode::kMaster ? static_cast<float*>(table.master[seg]) + w.begin : nullptr,
-                      kMode == Mode::kStochastic ? derive_key(launch_key, seg) : 0, w.begin};
+                      kMode == Mode::kStochastic ? derive_key(launch_key, seg) : 0, w.begin, coef};
   const int64_t n = w.end - w.begin;
   if (kScaled) {
     unscale_chunk(s.g, n, *inv_grad_scale);
     __syncthreads();  // the update below reads grads that other threads of the block unscaled
   }
   if (table.first[seg]) {
-    update_chunk<true, kMode>(s, n, h);
+    update_chunk<true, kMode, kClip>(s, n, h);
   } else {
-    update_chunk<false, kMode>(s, n, h);
+    update_chunk<false, kMode, kClip>(s, n, h);
   }
 }
 
@@ -153,18 +160,81 @@ const char* launch(const LaunchTable& table, const StepArgs& a, uint64_t launch_
   using M = typename Math<P>::type;
   const Hyper<M> h{M(a.lr), M(a.momentum), M(a.weight_decay), a.maximize};
   const unsigned blocks = static_cast<unsigned>(table.block_start[table.size]);
+  auto go = [&](auto scaled, auto clipped) {
+    nag_kernel<P, B, kMode, decltype(scaled)::value, decltype(clipped)::value><<<blocks, kThreads, 0, stream>>>(
+        table, h, a.inv_grad_scale, a.found_inf, a.lr_tensor, a.lr_tensor_is_double, a.grad_coef, launch_key);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
   if (a.inv_grad_scale != nullptr) {
-    nag_kernel<P, B, kMode, true><<<blocks, kThreads, 0, stream>>>(table, h, a.inv_grad_scale, a.found_inf,
-                                                                   a.lr_tensor, a.lr_tensor_is_double, launch_key);
+    a.grad_coef != nullptr ? go(Yes{}, Yes{}) : go(Yes{}, No{});
   } else {
-    nag_kernel<P, B, kMode, false><<<blocks, kThreads, 0, stream>>>(table, h, nullptr, a.found_inf, a.lr_tensor,
-                                                                    a.lr_tensor_is_double, launch_key);
+    a.grad_coef != nullptr ? go(No{}, Yes{}) : go(No{}, No{});
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// The norm's partial result of one block's grads (see norm_term): accumulated per thread in the math type, then
+// combined across the block in shared memory, in a fixed order (the same result at every run).
+template <typename T, NormKind K>
+__global__ void __launch_bounds__(kThreads)
+    norm_kernel(const __grid_constant__ LaunchTable table, float p, const float* inv_grad_scale, float* partials) {
+  using M = typename Math<T>::type;
+  const BlockWork w = block_work(table.block_start, table.numel, table.size, blockIdx.x);
+  const T* g = static_cast<const T*>(table.grad[w.segment]) + w.begin;
+  const int64_t n = w.end - w.begin;
+  const float inv_scale = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
+  M acc = M(0);
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    acc = norm_combine<K>(acc, norm_term<K>(unscale(to_math(g[i]), inv_scale), M(p)));
+  }
+  __shared__ M shared[kThreads];
+  shared[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) shared[threadIdx.x] = norm_combine<K>(shared[threadIdx.x], shared[threadIdx.x + half]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[blockIdx.x] = static_cast<float>(shared[0]);
+}
+
+template <typename T>
+const char* norm_launch(const LaunchTable& table, NormKind kind, float p, const float* inv_grad_scale,
+                        float* partials, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(table.block_start[table.size]);
+  switch (kind) {
+    case NormKind::kTwo:
+      norm_kernel<T, NormKind::kTwo><<<blocks, kThreads, 0, stream>>>(table, p, inv_grad_scale, partials);
+      break;
+    case NormKind::kOne:
+      norm_kernel<T, NormKind::kOne><<<blocks, kThreads, 0, stream>>>(table, p, inv_grad_scale, partials);
+      break;
+    case NormKind::kInf:
+      norm_kernel<T, NormKind::kInf><<<blocks, kThreads, 0, stream>>>(table, p, inv_grad_scale, partials);
+      break;
+    case NormKind::kOther:
+      norm_kernel<T, NormKind::kOther><<<blocks, kThreads, 0, stream>>>(table, p, inv_grad_scale, partials);
+      break;
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 }  // namespace
+
+const char* cuda_norm_launch(const LaunchTable& table, Dtype grad, NormKind kind, float p,
+                             const float* inv_grad_scale, float* partials, void* stream) {
+  if (table.size == 0) return nullptr;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (grad) {
+    case Dtype::kFloat: return norm_launch<float>(table, kind, p, inv_grad_scale, partials, s);
+    case Dtype::kDouble: return norm_launch<double>(table, kind, p, inv_grad_scale, partials, s);
+    case Dtype::kHalf: return norm_launch<__half>(table, kind, p, inv_grad_scale, partials, s);
+    case Dtype::kBFloat16: return norm_launch<__nv_bfloat16>(table, kind, p, inv_grad_scale, partials, s);
+  }
+  return "nag_cuda: no norm kernel for this dtype";
+}
 
 const char* cuda_launch(const LaunchTable& table, const Kind& kind, const StepArgs& args, uint64_t launch_key,
                         void* stream) {

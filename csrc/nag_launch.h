@@ -34,6 +34,7 @@ struct StepArgs {
   const void* lr_tensor = nullptr;        // when set, the learning rate (and `lr` is not used): a float32
   bool lr_tensor_is_double = false;       // or, when this is true, a float64 scalar on the device
   uint64_t sr_seed = 0;                   // Mode::kStochastic: a new value each step (see derive_key)
+  const float* grad_coef = nullptr;       // clipping: grads are multiplied by it as read (see clip); NaN: skip
 };
 
 // The kinds the kernels are compiled for, listed once for both: calls f(Type<P>, Type<B>, ModeTag<mode>) with
@@ -70,6 +71,12 @@ bool visit_kind(const Kind& kind, F&& f) {
 // bits' key of this launch (Mode::kStochastic). Returns nullptr, or the CUDA error message if the launch failed.
 const char* cuda_launch(const LaunchTable& table, const Kind& kind, const StepArgs& args, uint64_t launch_key,
                         void* stream);
+
+// The norm's partial results of one table's grads (of element type `grad`), one per block, into partials[0, blocks):
+// sums of |g * inv_grad_scale|^p, or their largest |g * inv_grad_scale| (see norm_term). inv_grad_scale: a float32 on
+// the device, or null. Returns nullptr, or the CUDA error message if the launch failed.
+const char* cuda_norm_launch(const LaunchTable& table, Dtype grad, NormKind kind, float p,
+                             const float* inv_grad_scale, float* partials, void* stream);
 
 // The GPU architectures the kernel was compiled for, e.g. "800,900" (nvcc's __CUDA_ARCH_LIST__).
 const char* cuda_arch_list();

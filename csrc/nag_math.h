@@ -43,6 +43,30 @@ NAG_HOST_DEVICE double fused_mul_add(double a, double b, double c) { return fma(
 template <typename T>
 NAG_HOST_DEVICE T unscale(T grad, float inv_scale) { return grad * static_cast<T>(inv_scale); }
 
+// Gradient clipping (FusedNAG(max_grad_norm=...)): grads multiplied by clip_grad_norm_'s coefficient
+// min(1, max_norm / (norm + 1e-6)) as they are read, as its grad.mul_(coef) would (the caller rounds the product to
+// the grad's dtype, as that in-place multiply does); the grads themselves are not written.
+template <typename T>
+NAG_HOST_DEVICE T clip(T grad, float coef) { return grad * static_cast<T>(coef); }
+
+// The norm of max_grad_norm, as a reduction: what each element adds to a partial result, and how
+// two partial results combine. Sums of |g|^p, or the largest |g| for p = inf; NaN propagates through both.
+enum class NormKind { kTwo, kOne, kInf, kOther };
+
+template <NormKind K, typename A>
+NAG_HOST_DEVICE A norm_term(A x, A p) {
+  const A a = x < A(0) ? -x : x;
+  if (K == NormKind::kTwo) return x * x;
+  if (K == NormKind::kOne || K == NormKind::kInf) return a;
+  return pow(a, p);
+}
+
+template <NormKind K, typename A>
+NAG_HOST_DEVICE A norm_combine(A acc, A term) {
+  if (K == NormKind::kInf) return (term > acc || term != term) ? term : acc;
+  return acc + term;
+}
+
 // Hyperparameters of one step, already converted to the math type.
 template <typename T>
 struct Hyper {

@@ -1,6 +1,9 @@
 // Op registration and argument checks: the schema of nag_cuda::nag_step_, the checks every device shares, and the
 // split of the tensor lists into one Group per dtype for the device runners.
 #include <array>
+#include <cmath>
+#include <limits>
+#include <tuple>
 #include <optional>
 #include <string>
 #include <vector>
@@ -10,6 +13,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/maximum.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/reciprocal.h>
 #include <ATen/ops/view_as_real.h>
 #include <c10/core/GradMode.h>
@@ -101,7 +108,8 @@ bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tenso
 // The values of `t` in a new dense tensor (or `t` itself where it already is one).
 at::Tensor materialize(const at::Tensor& t) { return t.resolve_conj().resolve_neg().contiguous(); }
 
-// GradScaler's grad_scale / found_inf: a float32 scalar on the params' device, read by the kernel there.
+// GradScaler's grad_scale / found_inf, clipping's grad_coef: a float32 scalar on the params' device, read by the
+// kernel there.
 void check_amp_tensor(const std::optional<at::Tensor>& t, const char* name, c10::Device device) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "nag_step_: ", name,
@@ -126,7 +134,8 @@ struct CallChecks {
 CallChecks check_call(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                       const c10::List<bool>& is_first, const std::optional<at::Tensor>& lr,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::TensorList>& master_params, bool stochastic) {
+                      const std::optional<at::TensorList>& master_params, bool stochastic,
+                      const std::optional<at::Tensor>& grad_coef) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && bufs.size() == n && is_first.size() == n, "nag_step_: params, grads, "
               "momentum_buffers and is_first must have equal lengths, got ", n, ", ", grads.size(), ", ", bufs.size(),
@@ -146,6 +155,7 @@ CallChecks check_call(at::TensorList params, at::TensorList grads, at::TensorLis
     }
     check_amp_tensor(grad_scale, "grad_scale", device);
     check_amp_tensor(found_inf, "found_inf", device);
+    check_amp_tensor(grad_coef, "grad_coef", device);
   }
   return CallChecks{device, mode_of(master_params, stochastic), grad_scale.has_value(),
                     c10::InferenceMode::is_enabled()};
@@ -218,8 +228,9 @@ Kind check_tensors(const at::Tensor& p, const at::Tensor& grad, const at::Tensor
 void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
                 const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf, const std::optional<at::TensorList>& master_params,
-                bool stochastic) {
-  CallChecks call = check_call(params, grads, bufs, is_first, lr, grad_scale, found_inf, master_params, stochastic);
+                bool stochastic, const std::optional<at::Tensor>& grad_coef) {
+  CallChecks call = check_call(params, grads, bufs, is_first, lr, grad_scale, found_inf, master_params, stochastic,
+                               grad_coef);
   for (size_t i = 0; i < params.size(); ++i) {
     check_tensors(params[i], grads[i], bufs[i], master_params.has_value() ? &(*master_params)[i] : nullptr, i, call);
   }
@@ -232,11 +243,12 @@ namespace {
 void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
                double lr, const at::Tensor* lr_tensor, double momentum, double weight_decay, bool maximize,
                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
+               const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed,
+               const std::optional<at::Tensor>& grad_coef) {
   const size_t n = params.size();
   CallChecks call = check_call(params, grads, bufs, is_first,
                                lr_tensor != nullptr ? std::optional<at::Tensor>(*lr_tensor) : std::nullopt,
-                               grad_scale, found_inf, master_params, sr_seed.has_value());
+                               grad_scale, found_inf, master_params, sr_seed.has_value(), grad_coef);
   if (n == 0) return;
   const c10::Device device = call.device;
   // The kernels read a float32 or float64 lr; any other dtype (bfloat16, an integer) is converted to float64, exactly.
@@ -310,7 +322,8 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                       found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr,
                       lr_value.defined() ? lr_value.const_data_ptr() : nullptr,
                       lr_value.defined() && lr_value.scalar_type() == at::kDouble,
-                      static_cast<uint64_t>(sr_seed.value_or(0))};
+                      static_cast<uint64_t>(sr_seed.value_or(0)),
+                      grad_coef.has_value() ? grad_coef->const_data_ptr<float>() : nullptr};
   for (const Group& group : groups) {
     if (group.numel.empty()) continue;
     if (device.is_cpu()) {
@@ -329,18 +342,20 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
 void nag_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
               double lr, double momentum, double weight_decay, bool maximize,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-              const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
+              const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed,
+              const std::optional<at::Tensor>& grad_coef) {
   step_impl(params, grads, bufs, is_first, lr, nullptr, momentum, weight_decay, maximize, grad_scale, found_inf,
-            master_params, sr_seed);
+            master_params, sr_seed, grad_coef);
 }
 
 void nag_step_tensor_lr(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                         const c10::List<bool>& is_first, const at::Tensor& lr, double momentum, double weight_decay,
                         bool maximize, const std::optional<at::Tensor>& grad_scale,
                         const std::optional<at::Tensor>& found_inf,
-                        const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
+                        const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed,
+                        const std::optional<at::Tensor>& grad_coef) {
   step_impl(params, grads, bufs, is_first, 0.0, &lr, momentum, weight_decay, maximize, grad_scale, found_inf,
-            master_params, sr_seed);
+            master_params, sr_seed, grad_coef);
 }
 
 // NOTE: the two kernels below are what torch's own in-place ops get from its code generator (VariableType and
@@ -373,7 +388,8 @@ template <typename Lr>
 void autograd_kernel(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads, at::TensorList bufs,
                      const c10::List<bool>& is_first, Lr lr, double momentum, double weight_decay, bool maximize,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                     const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
+                     const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed,
+                     const std::optional<at::Tensor>& grad_coef) {
   if (c10::GradMode::is_enabled()) {
     auto check = [](const at::Tensor& t, bool written, const std::string& where) {
       if (!t.defined() || !t.requires_grad()) return;
@@ -389,10 +405,11 @@ void autograd_kernel(c10::DispatchKeySet keys, at::TensorList params, at::Tensor
     if constexpr (std::is_same_v<Lr, const at::Tensor&>) check(lr, false, "lr");
     if (grad_scale.has_value()) check(*grad_scale, false, "grad_scale");
     if (found_inf.has_value()) check(*found_inf, false, "found_inf");
+    if (grad_coef.has_value()) check(*grad_coef, false, "grad_coef");
   }
   at::AutoDispatchBelowAutograd guard;
   step_op<Lr>().redispatch(keys & c10::after_autograd_keyset, params, grads, bufs, is_first, lr, momentum,
-                           weight_decay, maximize, grad_scale, found_inf, master_params, sr_seed);
+                           weight_decay, maximize, grad_scale, found_inf, master_params, sr_seed, grad_coef);
 }
 
 // ADInplaceOrView: every tensor the op writes gets its version counter bumped, once the update has succeeded. (The
@@ -401,17 +418,108 @@ template <typename Lr>
 void inplace_kernel(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads, at::TensorList bufs,
                     const c10::List<bool>& is_first, Lr lr, double momentum, double weight_decay, bool maximize,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed) {
+                    const std::optional<at::TensorList>& master_params, std::optional<int64_t> sr_seed,
+                    const std::optional<at::Tensor>& grad_coef) {
   const bool scaled = grad_scale.has_value();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     step_op<Lr>().redispatch(keys & c10::after_ADInplaceOrView_keyset, params, grads, bufs, is_first, lr, momentum,
-                             weight_decay, maximize, grad_scale, found_inf, master_params, sr_seed);
+                             weight_decay, maximize, grad_scale, found_inf, master_params, sr_seed, grad_coef);
   }
   for_each_written(params, grads, bufs, master_params, scaled, [](const at::Tensor& t, const char*, size_t) {
     if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
   });
 }
+
+}  // namespace
+
+// max_grad_norm: the norm_type that the kernels reduce with (see norm_term).
+NormKind norm_kind(double norm_type) {
+  TORCH_CHECK(norm_type > 0.0, "nag_cuda: norm_type must be a positive number or inf, got ", norm_type);
+  if (norm_type == 2.0) return NormKind::kTwo;
+  if (norm_type == 1.0) return NormKind::kOne;
+  if (std::isinf(norm_type)) return NormKind::kInf;
+  return NormKind::kOther;
+}
+
+at::Tensor grad_norm_partial(at::TensorList grads, double norm_type, const std::optional<at::Tensor>& grad_scale) {
+  const NormKind kind = norm_kind(norm_type);
+  const bool max = kind == NormKind::kInf;
+  if (grads.empty()) return at::zeros({}, at::kFloat);
+  TORCH_CHECK(grads[0].defined(), "grad_norm_partial: grads[0] is undefined");
+  const c10::Device device = grads[0].device();
+  check_amp_tensor(grad_scale, "grad_scale", device);
+  std::array<Group, 4> groups;  // the dense real grads, one group per dtype
+  at::Tensor other;             // the partial result of the rest (complex, strided), from ATen
+  const at::Tensor inv_scale = grad_scale.has_value() ? grad_scale->reciprocal() : at::Tensor();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(g.defined() && g.layout() == at::kStrided, "grad_norm_partial: grads[", i,
+                "] is undefined or not strided");
+    TORCH_CHECK(g.device() == device, "grad_norm_partial: grads[", i, "] is on ", g.device(), ", grads[0] on ",
+                device, "; call once per device");
+    const Dtype dtype = to_dtype(g.scalar_type(), i);
+    if (g.numel() == 0) continue;
+    if (g.is_complex() || !g.is_non_overlapping_and_dense() || !plain(g)) {
+      at::Tensor x = (g.is_complex() ? g.abs() : g).to(at::kFloat);
+      if (inv_scale.defined()) x = x.mul(inv_scale);
+      const at::Tensor part = max ? x.abs().amax() : kind == NormKind::kTwo ? x.mul(x).sum() : x.abs().pow(norm_type).sum();
+      other = !other.defined() ? part : max ? at::maximum(other, part) : other.add(part);
+      continue;
+    }
+    Group& group = groups[static_cast<int>(dtype)];
+    group.kind.param = dtype;
+    group.param_size = g.element_size();
+    group.grad.push_back(const_cast<void*>(g.const_data_ptr()));
+    group.numel.push_back(g.numel());
+  }
+  int64_t blocks = 0;
+  for (const Group& group : groups) {
+    for (const int64_t n : group.numel) blocks += chunks_of(n);
+  }
+  const float* inv = inv_scale.defined() ? inv_scale.const_data_ptr<float>() : nullptr;
+  at::Tensor result;
+  if (device.is_cpu()) {
+    std::vector<double> partials(blocks);
+    double* out = partials.data();
+    for (const Group& group : groups) {
+      if (group.numel.empty()) continue;
+      norm_cpu(group, kind, static_cast<float>(norm_type), inv, out);
+      for (const int64_t n : group.numel) out += chunks_of(n);
+    }
+    double total = 0.0;  // (in block order: the same result for any thread count)
+    for (const double v : partials) total = max ? norm_combine<NormKind::kInf>(total, v) : total + v;
+    result = at::scalar_tensor(total, at::kFloat);
+  } else if (blocks > 0) {
+#ifdef NAG_WITH_CUDA
+    const at::Tensor partials = at::empty({blocks}, grads[0].options().dtype(at::kFloat));
+    float* out = partials.mutable_data_ptr<float>();
+    for (const Group& group : groups) {
+      if (group.numel.empty()) continue;
+      norm_cuda(group, kind, static_cast<float>(norm_type), inv, out, device);
+      for (const int64_t n : group.numel) out += chunks_of(n);
+    }
+    result = max ? partials.amax() : partials.sum();
+#else
+    TORCH_CHECK(false, "grad_norm_partial: nag_cuda was built without CUDA");
+#endif
+  }
+  if (!result.defined()) result = at::zeros({}, grads[0].options().dtype(at::kFloat));
+  if (other.defined()) result = max ? at::maximum(result, other) : result.add(other);
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor> clip_coef(const at::Tensor& partial, double max_norm, double norm_type) {
+  const NormKind kind = norm_kind(norm_type);
+  const at::Tensor norm = kind == NormKind::kTwo                              ? partial.sqrt()
+                          : kind == NormKind::kOne || kind == NormKind::kInf ? partial
+                                                                              : partial.pow(1.0 / norm_type);
+  // torch.nn.utils.clip_grad_norm_'s arithmetic, roundings included (max_norm / t is t.reciprocal() * max_norm)
+  const at::Tensor coef = norm.add(1e-6).reciprocal().mul(max_norm).clamp_max(1.0);
+  return {norm, at::where(norm.isfinite(), coef, std::numeric_limits<float>::quiet_NaN())};
+}
+
+namespace {
 
 // Test hook: the schedule as the kernels see it. One row per block: (launch, block, tensor, begin, end), where
 // [begin, end) are the elements of `tensor` that the block updates. Computed with the kernels' own lookup.
@@ -459,14 +567,20 @@ TORCH_LIBRARY(nag_cuda, m) {
   m.def(
       "nag_step_(Tensor(a!)[] params, Tensor(c!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
       "float lr, float momentum, float weight_decay, bool maximize, *, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor(d!)[]? master_params=None, int? sr_seed=None) -> ()");
+      "Tensor? found_inf=None, Tensor(d!)[]? master_params=None, int? sr_seed=None, Tensor? grad_coef=None) -> ()");
   m.def(
       "nag_step_.tensor_lr(Tensor(a!)[] params, Tensor(c!)[] grads, Tensor(b!)[] momentum_buffers, bool[] is_first, "
       "Tensor lr, float momentum, float weight_decay, bool maximize, *, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor(d!)[]? master_params=None, int? sr_seed=None) -> ()");
+      "Tensor? found_inf=None, Tensor(d!)[]? master_params=None, int? sr_seed=None, Tensor? grad_coef=None) -> ()");
   m.def("_check_step(Tensor[] params, Tensor[] grads, Tensor[] momentum_buffers, bool[] is_first, Tensor? lr, *, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? master_params=None, bool stochastic=False) -> ()",
+        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? master_params=None, bool stochastic=False, "
+        "Tensor? grad_coef=None) -> ()",
         &nag::check_step);
+  // max_grad_norm: the partial result of one device's grads (sum of |g / grad_scale|^p, or the largest |g / grad_scale|
+  // for p = inf), which sums (max) across devices and ranks; then the norm and clip_grad_norm_'s coefficient, NaN
+  // where the norm is not finite.
+  m.def("grad_norm_partial(Tensor[] grads, float norm_type, *, Tensor? grad_scale=None) -> Tensor");
+  m.def("clip_coef(Tensor partial, float max_norm, float norm_type) -> (Tensor, Tensor)", &nag::clip_coef);
   m.def("_plan(int[] numels, int max_segments, int max_blocks) -> Tensor", &nag::plan);
   m.def("_build_info() -> str", &nag::build_info);
 }
@@ -476,6 +590,7 @@ TORCH_LIBRARY(nag_cuda, m) {
 static void impl_step(torch::Library& m) {
   m.impl("nag_step_", &nag::nag_step);
   m.impl("nag_step_.tensor_lr", &nag::nag_step_tensor_lr);
+  m.impl("grad_norm_partial", &nag::grad_norm_partial);
 }
 
 TORCH_LIBRARY_IMPL(nag_cuda, CPU, m) { impl_step(m); }

@@ -7,12 +7,15 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <unordered_map>
 #include <vector>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/maximum.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -52,6 +55,7 @@ struct Call {
   double lr = 0.0, momentum = 0.0, weight_decay = 0.0;
   bool maximize = false;
   std::optional<int64_t> sr_seed;
+  std::optional<at::Tensor> grad_coef;  // max_grad_norm
   Borrowed params, grads, bufs, masters;
   c10::List<bool> first;
   int64_t numel = 0;
@@ -168,11 +172,11 @@ void run(const Call& c, const std::optional<at::Tensor>& grad_scale, const std::
   if (c.lr_tensor.has_value()) {
     step_op<const at::Tensor&>().call(list(c.params, 0), list(c.grads, 1), list(c.bufs, 2), c.first, *c.lr_tensor,
                                       c.momentum, c.weight_decay, c.maximize, on(grad_scale, c.device),
-                                      on(found_inf, c.device), masters, c.sr_seed);
+                                      on(found_inf, c.device), masters, c.sr_seed, c.grad_coef);
   } else {
     step_op<double>().call(list(c.params, 0), list(c.grads, 1), list(c.bufs, 2), c.first, c.lr, c.momentum,
                            c.weight_decay, c.maximize, on(grad_scale, c.device), on(found_inf, c.device), masters,
-                           c.sr_seed);
+                           c.sr_seed, c.grad_coef);
   }
 }
 
@@ -181,19 +185,42 @@ struct NoGil {
   ~NoGil() { PyEval_RestoreThread(saved); }
 };
 
-// _step(specs, state, grad_scale, found_inf, cache=None) -> bool. specs: one tuple per param group, (params, key, lr,
+// max_grad_norm: the norm of every grad of the step's calls (their partial results summed on the first call's
+// device), and each call's clip coefficient on its device. Returns the norm.
+at::Tensor clip_calls(std::vector<Call>& calls, const std::optional<at::Tensor>& grad_scale, double max_norm,
+                      double norm_type) {
+  at::Tensor total;
+  for (const Call& c : calls) {
+    at::Tensor part = grad_norm_partial(c.grads.list(), norm_type, on(grad_scale, c.device));
+    if (!total.defined()) {
+      total = part;
+      continue;
+    }
+    part = part.to(total.device(), /*non_blocking=*/true);
+    total = std::isinf(norm_type) ? at::maximum(total, part) : total.add(part);
+  }
+  if (!total.defined()) total = at::zeros({}, at::kFloat);  // no grads: clip_grad_norm_ returns 0 too
+  auto [norm, coef] = clip_coef(total, max_norm, norm_type);
+  for (Call& c : calls) c.grad_coef = on(coef, c.device);
+  return norm;
+}
+
+// _step(specs, state, grad_scale, found_inf, cache=None, clip=None) -> bool or Tensor. specs: one tuple per param group, (params, key, lr,
 // momentum, weight_decay, maximize, momentum_dtype, master_weights, may_skip, sr_seed); groups with equal keys share
-// op calls. cache: the optimizer's StateCache (from _state_cache()), or None to look everything up.
+// op calls. cache: the optimizer's StateCache (from _state_cache()), or None to look everything up. clip:
+// (max_grad_norm, norm_type) to clip the grads by their global norm, which is then returned, or None.
 // Returns False, having changed nothing, where a tensor is not a plain strided Tensor or Parameter (DTensor, other
 // subclasses, sparse grads) or a state entry is not a dict: FusedNAG's Python path handles those. Raises, having
 // changed nothing, on bad input.
 PyObject* step(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *specs, *state, *grad_scale_obj, *found_inf_obj, *cache_obj = Py_None;
-  if (!PyArg_ParseTuple(args, "O!O!OO|O", &PyList_Type, &specs, &PyDict_Type, &state, &grad_scale_obj,
-                        &found_inf_obj, &cache_obj)) {
+  PyObject *specs, *state, *grad_scale_obj, *found_inf_obj, *cache_obj = Py_None, *clip_obj = Py_None;
+  if (!PyArg_ParseTuple(args, "O!O!OO|OO", &PyList_Type, &specs, &PyDict_Type, &state, &grad_scale_obj,
+                        &found_inf_obj, &cache_obj, &clip_obj)) {
     return nullptr;
   }
+  double max_norm = 0.0, norm_type = 2.0;
+  if (clip_obj != Py_None && !PyArg_ParseTuple(clip_obj, "dd", &max_norm, &norm_type)) return nullptr;
   StateCache* cache = nullptr;
   bool known = false;  // the cache's entries hold for opt.state as it is (see StateCache)
 #ifdef NAG_DICT_VERSIONS
@@ -355,9 +382,11 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
     if (i > 0) {
       check_step(c.params.list(), c.grads.list(), c.bufs.list(), c.first, c.lr_tensor, on(grad_scale, c.device),
                  on(found_inf, c.device), c.masters.empty() ? std::nullopt : std::optional(c.masters.list()),
-                 c.sr_seed.has_value());
+                 c.sr_seed.has_value(), std::nullopt);
     }
   }
+  at::Tensor norm;
+  if (clip_obj != Py_None) norm = clip_calls(calls, grad_scale, max_norm, norm_type);
   for (const Call& c : calls) {
     if (numel < kReleaseGilNumel) {
       run(c, grad_scale, found_inf);
@@ -383,6 +412,7 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
     THPObjectPtr value(THPVariable_Wrap(std::move(s.value)));
     if (!value || PyDict_SetItem(st, s.key, value.get()) < 0) return nullptr;
   }
+  if (norm.defined()) return THPVariable_Wrap(std::move(norm));
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }

@@ -32,7 +32,7 @@ def _load_extension():
 
 _C = _load_extension()
 
-from .reference import nag_step_reference
+from .reference import grad_norm_partial_reference, nag_step_reference
 
 ops = torch.ops.nag_cuda
 
@@ -40,12 +40,17 @@ ops = torch.ops.nag_cuda
 @torch.library.register_fake("nag_cuda::nag_step_")
 @torch.library.register_fake("nag_cuda::nag_step_.tensor_lr")
 def _nag_step_fake(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize, *,
-                   grad_scale=None, found_inf=None, master_params=None, sr_seed=None):
+                   grad_scale=None, found_inf=None, master_params=None, sr_seed=None, grad_coef=None):
     # In place on params, momentum_buffers, master_params (and grads, when unscaling): no output to describe. The
     # arguments are checked as the real kernels check them, so meta and fake tensors fail where real ones would.
     ops._check_step(params, grads, momentum_buffers, is_first, lr if isinstance(lr, torch.Tensor) else None,
                     grad_scale=grad_scale, found_inf=found_inf, master_params=master_params,
-                    stochastic=sr_seed is not None)
+                    stochastic=sr_seed is not None, grad_coef=grad_coef)
+
+
+@torch.library.register_fake("nag_cuda::grad_norm_partial")
+def _grad_norm_partial_fake(grads, norm_type, *, grad_scale=None):
+    return torch.empty((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
 
 
 def build_info() -> dict:
@@ -75,3 +80,9 @@ def step_function(device: torch.device, tensor_lr: bool = False):
             stacklevel=3,
         )
     return nag_step_reference
+
+
+def grad_norm_function(device: torch.device):
+    """max_grad_norm: the op that reduces one device's grads (ops.grad_norm_partial), or its reference where this
+    build has no kernel for `device`."""
+    return ops.grad_norm_partial if device.type in _KERNEL_DEVICES else grad_norm_partial_reference

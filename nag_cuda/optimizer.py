@@ -7,7 +7,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as torch_sgd
 
-from ._ops import _C, ops, step_function
+from ._ops import _C, grad_norm_function, ops, step_function
 from .reference import nag_step_reference
 
 __all__ = ["FusedNAG"]
@@ -93,6 +93,18 @@ def _check_group(group: dict, values: bool = True) -> None:
         raise ValueError("capturable=True needs momentum and weight_decay as numbers (only lr may be a tensor)")
 
 
+def _check_clipping(max_grad_norm, norm_type) -> None:
+    if max_grad_norm is not None:
+        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, Real):
+            raise TypeError(f"max_grad_norm must be a number or None, got {type(max_grad_norm).__name__}")
+        if not max_grad_norm > 0:  # (NaN too)
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0, or None not to clip)")
+    if isinstance(norm_type, bool) or not isinstance(norm_type, Real):
+        raise TypeError(f"norm_type must be a number (2.0, 1.0, float('inf'), ...), got {type(norm_type).__name__}")
+    if not norm_type > 0:
+        raise ValueError(f"Invalid norm_type: {norm_type} (must be > 0 or inf)")
+
+
 def _check_sparse_group(group: dict) -> None:
     """Sparse gradients take torch's own per-tensor SGD (see _step_sparse), which knows none of the options below."""
     if group["weight_decay"] != 0:
@@ -104,7 +116,7 @@ def _check_sparse_group(group: dict) -> None:
 
 
 try:  # torch.distributed is optional in torch builds
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate
 except ImportError:
     DTensor = None
 
@@ -188,6 +200,13 @@ class FusedNAG(Optimizer):
             nearest, so that updates smaller than half a bfloat16 step still count on average (default: False).
         sr_seed: seed of the stochastic rounding (default: None, drawn from torch's default generator, so
             ``torch.manual_seed`` makes runs reproducible). Each step and param group draws different bits.
+        max_grad_norm: clip the gradients by their global norm, as ``torch.nn.utils.clip_grad_norm_(every param
+            with a grad, max_grad_norm, norm_type)`` before the step would (default: None, no clipping). One norm
+            over all param groups, devices and DTensor shards; each grad is multiplied by
+            ``min(1, max_grad_norm / (norm + 1e-6))`` as the kernel reads it, on the device, with no host
+            synchronisation. The grads themselves are left as the step found them (unclipped). A non-finite norm
+            skips the step, as GradScaler's ``found_inf`` does. The norm is in ``last_grad_norm``.
+        norm_type: the norm of max_grad_norm: any p > 0, or ``float('inf')`` (default: 2.0).
 
     Example:
         >>> opt = FusedNAG(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -203,8 +222,10 @@ class FusedNAG(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.9, dampening=0, weight_decay=0.0, nesterov=True, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, capturable=False,
-                 momentum_dtype=None, master_weights=False, stochastic_rounding=False, sr_seed=None):
+                 momentum_dtype=None, master_weights=False, stochastic_rounding=False, sr_seed=None,
+                 max_grad_norm=None, norm_type=2.0):
         _check_hyperparameters(lr, momentum, weight_decay)
+        _check_clipping(max_grad_norm, norm_type)
         if fused and foreach:  # torch's SGD refuses the same
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
@@ -214,11 +235,20 @@ class FusedNAG(Optimizer):
         _check_group(defaults)
         self._sparse = False  # a step has met a sparse gradient: later steps take the careful path at once
         self._state_cache = _C._state_cache()  # the C++ step's opt.state lookups, kept while they hold
+        # Clipping is one setting of the optimizer, not of a param group: the norm is global, as clip_grad_norm_'s.
+        self.max_grad_norm, self.norm_type = max_grad_norm, norm_type
+        self._clipped = {}  # "norm": the last step's norm (a dict, which torch.compile lets a traced step update)
         super().__init__(params, defaults)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm, "norm_type": self.norm_type}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_sparse", False)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("norm_type", 2.0)
+        self._clipped = {}
         self._state_cache = _C._state_cache()  # (not in the state: a copy looks up its own)
         for group in self.param_groups:
             for key, value in _LATER_DEFAULTS.items():
@@ -277,6 +307,13 @@ class FusedNAG(Optimizer):
             pre.remove()
             post.remove()
 
+    @property
+    def last_grad_norm(self):
+        """max_grad_norm: the global grad norm of the last step (before clipping, of the unscaled grads under
+        GradScaler), as a 0-dim float32 tensor on the device of the first param with a grad, as clip_grad_norm_
+        returns it; None before the first step. Reading its value (`.item()`) synchronises with the device."""
+        return self._clipped.get("norm")
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -334,8 +371,12 @@ class FusedNAG(Optimizer):
         specs = [(group["params"], keys.setdefault(settings, len(keys)), lr, *hyper, group["momentum_dtype"],
                   group["master_weights"], may_skip, sr_seed)
                  for group, settings, lr, hyper, may_skip, sr_seed in self._groups()]
-        return _C._step(specs, self.state, getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
-                        self._state_cache)
+        clip = None if self.max_grad_norm is None else (float(self.max_grad_norm), float(self.norm_type))
+        done = _C._step(specs, self.state, getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
+                        self._state_cache, clip)
+        if isinstance(done, torch.Tensor):
+            self._clipped["norm"] = done
+        return done is not False
 
     def _advance(self) -> None:
         for group in self.param_groups:
@@ -365,9 +406,12 @@ class FusedNAG(Optimizer):
                 _check_sparse_group(group)
                 sparse.append((group, sparse_here))
         calls = list(calls.values())
+        coef = self._clip_coefficient(grad_scale) if self.max_grad_norm is not None else None
         for _, lists, _, kwargs in calls:
             if len(lists) == 5:  # master weights: a keyword argument of the op
                 kwargs["master_params"] = lists.pop()
+            if coef is not None:
+                kwargs["grad_coef"] = _on(lists[0][0].device, coef)
         # Nothing changes unless every call will succeed: a bad group or a mismatched momentum buffer leaves all
         # parameters and all momentum state as they were. The compiled op checks its arguments before it writes, so
         # the first call checks itself (on the fast path); the others (and the reference) are checked up front.
@@ -375,7 +419,8 @@ class FusedNAG(Optimizer):
             if i > 0 or careful or fn is nag_step_reference:
                 ops._check_step(params, grads, bufs, first, lr if isinstance(lr, torch.Tensor) else None,
                                 grad_scale=kwargs.get("grad_scale"), found_inf=kwargs.get("found_inf"),
-                                master_params=kwargs.get("master_params"), stochastic="sr_seed" in kwargs)
+                                master_params=kwargs.get("master_params"), stochastic="sr_seed" in kwargs,
+                                grad_coef=kwargs.get("grad_coef"))
         for fn, lists, hyper, kwargs in calls:
             fn(*lists, *hyper, **kwargs)
         for group, entries in sparse:
@@ -385,6 +430,47 @@ class FusedNAG(Optimizer):
         # New state becomes state only once the kernel has written it (or, under GradScaler, zeroed: see _gather).
         for p, key, value in new_state:
             self.state[p][key] = value
+
+    def _clip_coefficient(self, grad_scale):
+        """max_grad_norm on the Python path: the global norm of every grad (kept for last_grad_norm) and the clip
+        coefficient (NaN where the norm is not finite), with no host synchronisation. Each device's grads are
+        reduced by the kernel; DTensor shards are reduced on their rank and then across the mesh (the partial results
+        of sharded mesh dimensions summed, as clip_grad_norm_ does for DTensors)."""
+        norm_type = float(self.norm_type)
+        local, sharded = defaultdict(list), defaultdict(list)
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("FusedNAG: max_grad_norm does not support sparse gradients; clip them with "
+                                       "torch.nn.utils.clip_grad_norm_ before step() instead")
+                if DTensor is not None and isinstance(grad, DTensor):
+                    sharded[grad.device_mesh, grad.placements].append(grad.to_local())
+                else:
+                    local[grad.device].append(grad)
+
+        def reduce(grads):
+            device = grads[0].device
+            return grad_norm_function(device)(grads, norm_type, grad_scale=_on(device, grad_scale))
+
+        partials = [reduce(grads) for grads in local.values()]
+        for (mesh, placements), grads in sharded.items():
+            if any(placement.is_partial() for placement in placements):
+                raise ValueError("FusedNAG: max_grad_norm needs reduced gradients; got a DTensor grad with placements "
+                                 f"{placements}")
+            shard = Partial("max" if norm_type == float("inf") else "sum")
+            partial = DTensor.from_local(reduce(grads), mesh, [shard if placement.is_shard() else Replicate()
+                                                               for placement in placements])
+            partials.append(partial.full_tensor())
+        total = torch.zeros((), dtype=torch.float32) if not partials else partials[0]
+        for partial in partials[1:]:
+            partial = partial.to(total.device, non_blocking=True)
+            total = torch.maximum(total, partial) if norm_type == float("inf") else total + partial
+        norm, coef = ops.clip_coef(total, float(self.max_grad_norm), norm_type)
+        self._clipped["norm"] = norm
+        return coef
 
     def _gather(self, group: dict, new_state: list, may_skip: bool, sparse: list | None) -> dict:
         """The kernel's tensor lists for one param group, per device: (params, grads, buffers, is_first), and the

@@ -17,8 +17,10 @@ def stochastic_round_to_bfloat16(x: torch.Tensor, generator: torch.Generator) ->
 
 
 def nag_step_reference(params, grads, momentum_buffers, is_first, lr, momentum, weight_decay, maximize, *,
-                       grad_scale=None, found_inf=None, master_params=None, sr_seed=None):
+                       grad_scale=None, found_inf=None, master_params=None, sr_seed=None, grad_coef=None):
     if found_inf is not None and found_inf.item() != 0:  # a host sync, acceptable in this fallback
+        return
+    if grad_coef is not None and grad_coef.isnan().item():  # a non-finite grad norm (max_grad_norm)
         return
     if isinstance(lr, torch.Tensor):  # the .tensor_lr overload: any real dtype, any 1-element shape
         lr = lr.item()
@@ -32,6 +34,8 @@ def nag_step_reference(params, grads, momentum_buffers, is_first, lr, momentum, 
         if inv_scale is not None:  # as torch.amp.GradScaler.unscale_ does: in float, rounded to the grad's dtype
             grad.copy_(grad.to(math) * inv_scale)
         g = grad.to(math)
+        if grad_coef is not None:  # as clip_grad_norm_'s grad.mul_(coef) would leave the grad, without writing it
+            g = (g * grad_coef.to(math)).to(grad.dtype).to(math)
         if maximize:
             g = -g
         p_math = master if master is not None else p.to(math)
@@ -45,3 +49,20 @@ def nag_step_reference(params, grads, momentum_buffers, is_first, lr, momentum, 
             master.copy_(p_new)
         p.copy_(stochastic_round_to_bfloat16(p_new, generator) if generator is not None else p_new)
         buf.copy_(b)
+
+
+def grad_norm_partial_reference(grads, norm_type, *, grad_scale=None):
+    """torch.ops.nag_cuda.grad_norm_partial in plain PyTorch: sum of |g / grad_scale|^p over every element of
+    `grads` (one device), or the largest |g / grad_scale| for p = inf, as a float32 0-dim tensor."""
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for grad in grads:
+        if grad.numel() == 0:
+            continue
+        x = (grad.abs() if grad.is_complex() else grad).float()
+        if grad_scale is not None:
+            x = x * grad_scale.reciprocal()
+        if norm_type == float("inf"):
+            total = torch.maximum(total, x.abs().amax())
+        else:
+            total = total + x.abs().pow(norm_type).sum()
+    return total

@@ -140,6 +140,29 @@ def check_fsdp2_modes(rank, data):
             assert torch.equal(p.to_local(), q.to_local()), options
 
 
+def check_fsdp2_clip(rank, data):
+    """max_grad_norm with FSDP2: the squared norms of the shards are summed across the mesh, so each rank clips by
+    the norm of the whole model's grads, as single-process training does."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = FusedNAG(model.parameters(), **HYPER, max_grad_norm=0.05)
+    single = make_model()
+    opt_single = FusedNAG(single.parameters(), **HYPER, max_grad_norm=0.05)
+    for x, y in data[:STEPS]:
+        train(model, opt, [(x, y)], rank)
+        train(single, opt_single, [(x, y)])
+        assert opt.last_grad_norm > 0.05  # clipped
+        torch.testing.assert_close(opt.last_grad_norm, opt_single.last_grad_norm, rtol=1e-5, atol=0)
+    assert_close_to([p.full_tensor() for p in model.parameters()], single)
+
+
 def check_zero(rank, data):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -167,8 +190,9 @@ def worker(rank, port, name):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        {"ddp": check_ddp, "fsdp2": check_fsdp2, "fsdp2-modes": check_fsdp2_modes, "zero": check_zero}[name](
-            rank, batches())
+        checks = {"ddp": check_ddp, "fsdp2": check_fsdp2, "fsdp2-modes": check_fsdp2_modes,
+                  "fsdp2-clip": check_fsdp2_clip, "zero": check_zero}
+        checks[name](rank, batches())
         # DDP/FSDP objects sit in reference cycles: free them while their process group still exists (freed at
         # interpreter exit instead, gloo sometimes aborted with "terminate called without an active exception").
         gc.collect()
@@ -184,7 +208,7 @@ def free_port():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("name", ["ddp", "fsdp2", "fsdp2-modes", "zero"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "fsdp2-modes", "fsdp2-clip", "zero"])
 def test_two_processes(name):
     mp.spawn(worker, args=(free_port(), name), nprocs=WORLD, join=True)
 
