@@ -87,6 +87,24 @@ def test_python_path_gives_the_same_bits(device):
     assert all(torch.equal(p, q) for p, q in zip(runs[0][0], runs[1][0], strict=True))
 
 
+def test_compiled_step():
+    """torch.compile(opt.step, fullgraph=True) with clipping: one graph, the eager step's numbers. (On CPU, where the
+    norm is a 0-dim CPU tensor, inductor compiles the coefficient's scalar arithmetic itself, and its sqrt may round
+    the other way: the step is then what clip_grad_norm_ with that norm gives.)"""
+    ours, theirs, opt_ours, opt_theirs = pair(torch.float32, "cpu", max_grad_norm=0.3)
+    step = torch.compile(opt_ours.step, fullgraph=True)
+    for i in range(3):
+        set_grads(ours, theirs, i)
+        grads = [p.grad.clone() for p in ours]
+        step()
+        torch.testing.assert_close(opt_ours.last_grad_norm, get_total_norm([g for g in grads if g.numel()]),
+                                   rtol=1e-6, atol=0)
+        clip_grads_with_norm_(theirs, 0.3, opt_ours.last_grad_norm)
+        opt_theirs.step()
+        for p, q in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(p, q, rtol=2**-22, atol=0)  # (within the coefficient's last bit)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_norm_skips_the_step(device, bad):
     ours, theirs, opt, _ = pair(torch.float32, device, max_grad_norm=1.0)
