@@ -10,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_clip  # noqa: E402
 import bench_step  # noqa: E402
 import precision_modes  # noqa: E402
 
@@ -73,3 +74,14 @@ def test_precision_modes_runs_and_writes_results(tmp_path):
     assert set(result["summary"]) == set(precision_modes.MODES)
     assert result["summary"]["float32"]["vs_float32"] == 1.0
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
+
+
+def test_bench_clip_quick_runs_and_writes_results(tmp_path):
+    result = bench_clip.main(["--quick", "--device", "cpu", "--sets", "2000x64x64", "--rounds", "1", "--out",
+                              str(tmp_path)])
+    (entry,) = result["sets"]
+    assert {m: r["bytes_per_param"] for m, r in entry["methods"].items()} == {
+        "FusedNAG max_grad_norm": 24, "clip_grad_norm_ + FusedNAG": 32, "clip_grad_norm_ + torch fused": 32,
+        "clip_grad_norm_ + torch foreach": 32}
+    assert all(r["ms"] > 0 for r in entry["methods"].values())
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md"}
