@@ -12,10 +12,8 @@ GB/s and time ÷ FusedNAG's, and is written with its JSON under --out.
 
 import argparse
 import datetime
-import json
 import math
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -120,11 +118,8 @@ def main(argv=None):
                          f"{r['gbps']:.1f} | {r['pct_copy']:.0f}% | {r['vs_fusednag']:.2f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^a-z0-9]+", "-", f"{device.type} {meta['device']} {args.dtype} clip".lower()).strip("-")
-    stem += "-quick" if args.quick else ""
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(table + "\n")
+    stem = bench_step.save(args.out, f"{device.type} {meta['device']} {args.dtype} clip{' quick' if args.quick else ''}",
+                           result, table)
     print(f"\nwrote {stem}.json, {stem}.md in {args.out}")
     return result
 

@@ -584,17 +584,22 @@ def main(argv=None):
     result["host_per_tensor"] = host_per_tensor_fresh(device, counts=HOST_COUNTS[:2] if args.quick else HOST_COUNTS)
     table = markdown(result) + "\n\n" + host_markdown(result["host_per_tensor"])
     print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^a-z0-9]+", "-", f"{device.type} {meta['device']} {args.dtype}".lower()).strip("-")
-    stem += "-quick" if args.quick else ""
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(table + "\n")
+    stem = save(args.out, f"{device.type} {meta['device']} {args.dtype}{' quick' if args.quick else ''}", result, table)
     written = [f"{stem}.json", f"{stem}.md"]
     if not args.no_plot:
         plot(result, args.out / f"{stem}.png")
         written.append(f"{stem}.png")
     print(f"\nwrote {', '.join(written)} in {args.out}")
     return result
+
+
+def save(out, name, result, table):
+    """Writes result (JSON) and table (markdown) to out/<name as a file stem>.{json,md}; returns the stem."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table + "\n")
+    return stem
 
 
 def host_main(args, device):
@@ -608,10 +613,7 @@ def host_main(args, device):
                        f"(each count in {args.processes} fresh processes, medians over them)", "", "Targets (issue 13):",
                        *result["targets"]])
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^a-z0-9]+", "-", f"{device.type} {meta['device']} host".lower()).strip("-")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(table + "\n")
+    stem = save(args.out, f"{device.type} {meta['device']} host", result, table)
     print(f"\nwrote {stem}.json, {stem}.md in {args.out}")
     return result
 

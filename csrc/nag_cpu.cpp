@@ -389,13 +389,9 @@ void norm(const Group& group, NormKind kind, float p, const float* inv_grad_scal
         const BlockWork w = block_work(t.block_start, t.numel, t.size, block);
         const S* g = static_cast<const S*>(t.grad[w.segment]) + w.begin;
         const int64_t n = w.end - w.begin;
-        double& out = partials[first_block + block];
-        switch (kind) {
-          case NormKind::kTwo: out = norm_chunk<NormKind::kTwo, T>(g, n, inv_scale, p); break;
-          case NormKind::kOne: out = norm_chunk<NormKind::kOne, T>(g, n, inv_scale, p); break;
-          case NormKind::kInf: out = norm_chunk<NormKind::kInf, T>(g, n, inv_scale, p); break;
-          case NormKind::kOther: out = norm_chunk<NormKind::kOther, T>(g, n, inv_scale, p); break;
-        }
+        visit_norm(kind, [&](auto k) {
+          partials[first_block + block] = norm_chunk<decltype(k)::value, T>(g, n, inv_scale, p);
+        });
       }
     });
     first_block += blocks;

@@ -203,20 +203,9 @@ template <typename T>
 const char* norm_launch(const LaunchTable& table, NormKind kind, float p, const float* inv_grad_scale,
                         float* partials, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(table.block_start[table.size]);
-  switch (kind) {
-    case NormKind::kTwo:
-      norm_kernel<T, NormKind::kTwo><<<blocks, kThreads, 0, stream>>>(table, p, inv_grad_scale, partials);
-      break;
-    case NormKind::kOne:
-      norm_kernel<T, NormKind::kOne><<<blocks, kThreads, 0, stream>>>(table, p, inv_grad_scale, partials);
-      break;
-    case NormKind::kInf:
-      norm_kernel<T, NormKind::kInf><<<blocks, kThreads, 0, stream>>>(table, p, inv_grad_scale, partials);
-      break;
-    case NormKind::kOther:
-      norm_kernel<T, NormKind::kOther><<<blocks, kThreads, 0, stream>>>(table, p, inv_grad_scale, partials);
-      break;
-  }
+  visit_norm(kind, [&](auto k) {
+    norm_kernel<T, decltype(k)::value><<<blocks, kThreads, 0, stream>>>(table, p, inv_grad_scale, partials);
+  });
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

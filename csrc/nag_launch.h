@@ -67,6 +67,19 @@ bool visit_kind(const Kind& kind, F&& f) {
   return false;
 }
 
+// Calls f(NormTag<kind>{}): a norm kind (nag_math.h) as a compile-time value, for the kernels' templates.
+template <NormKind k> struct NormTag { static constexpr NormKind value = k; };
+
+template <typename F>
+void visit_norm(NormKind kind, F&& f) {
+  switch (kind) {
+    case NormKind::kTwo: return f(NormTag<NormKind::kTwo>{});
+    case NormKind::kOne: return f(NormTag<NormKind::kOne>{});
+    case NormKind::kInf: return f(NormTag<NormKind::kInf>{});
+    case NormKind::kOther: return f(NormTag<NormKind::kOther>{});
+  }
+}
+
 // Launches the kernel for one table on `stream` (a cudaStream_t) of the current device. launch_key: the random
 // bits' key of this launch (Mode::kStochastic). Returns nullptr, or the CUDA error message if the launch failed.
 const char* cuda_launch(const LaunchTable& table, const Kind& kind, const StepArgs& args, uint64_t launch_key,

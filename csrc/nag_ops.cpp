@@ -463,7 +463,9 @@ at::Tensor grad_norm_partial(at::TensorList grads, double norm_type, const std::
     if (g.is_complex() || !g.is_non_overlapping_and_dense() || !plain(g)) {
       at::Tensor x = (g.is_complex() ? g.abs() : g).to(at::kFloat);
       if (inv_scale.defined()) x = x.mul(inv_scale);
-      const at::Tensor part = max ? x.abs().amax() : kind == NormKind::kTwo ? x.mul(x).sum() : x.abs().pow(norm_type).sum();
+      const at::Tensor part = max                       ? x.abs().amax()
+                              : kind == NormKind::kTwo ? x.mul(x).sum()
+                                                       : x.abs().pow(norm_type).sum();
       other = !other.defined() ? part : max ? at::maximum(other, part) : other.add(part);
       continue;
     }

@@ -185,13 +185,20 @@ struct NoGil {
   ~NoGil() { PyEval_RestoreThread(saved); }
 };
 
-// max_grad_norm: the norm of every grad of the step's calls (their partial results summed on the first call's
-// device), and each call's clip coefficient on its device. Returns the norm.
+// max_grad_norm: the norm of every grad of the step's calls (one partial result per device, as FusedNAG's Python
+// path reduces them, summed on the first call's device), and each call's clip coefficient on its device. Returns
+// the norm.
 at::Tensor clip_calls(std::vector<Call>& calls, const std::optional<at::Tensor>& grad_scale, double max_norm,
                       double norm_type) {
-  at::Tensor total;
+  std::vector<std::pair<c10::Device, std::vector<at::Tensor>>> by_device;
   for (const Call& c : calls) {
-    at::Tensor part = grad_norm_partial(c.grads.list(), norm_type, on(grad_scale, c.device));
+    auto it = std::find_if(by_device.begin(), by_device.end(), [&](const auto& d) { return d.first == c.device; });
+    if (it == by_device.end()) it = by_device.insert(by_device.end(), {c.device, {}});
+    it->second.insert(it->second.end(), c.grads.list().begin(), c.grads.list().end());
+  }
+  at::Tensor total;
+  for (const auto& [device, grads] : by_device) {
+    at::Tensor part = grad_norm_partial(grads, norm_type, on(grad_scale, device));
     if (!total.defined()) {
       total = part;
       continue;
@@ -205,10 +212,11 @@ at::Tensor clip_calls(std::vector<Call>& calls, const std::optional<at::Tensor>&
   return norm;
 }
 
-// _step(specs, state, grad_scale, found_inf, cache=None, clip=None) -> bool or Tensor. specs: one tuple per param group, (params, key, lr,
-// momentum, weight_decay, maximize, momentum_dtype, master_weights, may_skip, sr_seed); groups with equal keys share
-// op calls. cache: the optimizer's StateCache (from _state_cache()), or None to look everything up. clip:
-// (max_grad_norm, norm_type) to clip the grads by their global norm, which is then returned, or None.
+// _step(specs, state, grad_scale, found_inf, cache=None, clip=None) -> True, or the norm. specs: one tuple per param
+// group, (params, key, lr, momentum, weight_decay, maximize, momentum_dtype, master_weights, may_skip, sr_seed);
+// groups with equal keys share op calls. cache: the optimizer's StateCache (from _state_cache()), or None to look
+// everything up. clip: (max_grad_norm, norm_type) to clip the grads by their global norm, which is then returned
+// instead of True; or None.
 // Returns False, having changed nothing, where a tensor is not a plain strided Tensor or Parameter (DTensor, other
 // subclasses, sparse grads) or a state entry is not a dict: FusedNAG's Python path handles those. Raises, having
 // changed nothing, on bad input.

@@ -406,7 +406,7 @@ class FusedNAG(Optimizer):
                 _check_sparse_group(group)
                 sparse.append((group, sparse_here))
         calls = list(calls.values())
-        coef = self._clip_coefficient(grad_scale) if self.max_grad_norm is not None else None
+        norm, coef = self._clip_coefficient(grad_scale) if self.max_grad_norm is not None else (None, None)
         for _, lists, _, kwargs in calls:
             if len(lists) == 5:  # master weights: a keyword argument of the op
                 kwargs["master_params"] = lists.pop()
@@ -423,6 +423,8 @@ class FusedNAG(Optimizer):
                                 grad_coef=kwargs.get("grad_coef"))
         for fn, lists, hyper, kwargs in calls:
             fn(*lists, *hyper, **kwargs)
+        if norm is not None:
+            self._clipped["norm"] = norm
         for group, entries in sparse:
             self._step_sparse(group, entries, grad_scale, found_inf)
         if sparse:  # (only then: torch 2.11's dynamo refuses any attribute write on the optimizer it traces)
@@ -432,8 +434,8 @@ class FusedNAG(Optimizer):
             self.state[p][key] = value
 
     def _clip_coefficient(self, grad_scale):
-        """max_grad_norm on the Python path: the global norm of every grad (kept for last_grad_norm) and the clip
-        coefficient (NaN where the norm is not finite), with no host synchronisation. Each device's grads are
+        """max_grad_norm on the Python path: the global norm of every grad and the clip coefficient (NaN where the
+        norm is not finite), with no host synchronisation. Each device's grads are
         reduced by the kernel; DTensor shards are reduced on their rank and then across the mesh (the partial results
         of sharded mesh dimensions summed, as clip_grad_norm_ does for DTensors)."""
         norm_type = float(self.norm_type)
@@ -468,9 +470,7 @@ class FusedNAG(Optimizer):
         for partial in partials[1:]:
             partial = partial.to(total.device, non_blocking=True)
             total = torch.maximum(total, partial) if norm_type == float("inf") else total + partial
-        norm, coef = ops.clip_coef(total, float(self.max_grad_norm), norm_type)
-        self._clipped["norm"] = norm
-        return coef
+        return ops.clip_coef(total, float(self.max_grad_norm), norm_type)
 
     def _gather(self, group: dict, new_state: list, may_skip: bool, sparse: list | None) -> dict:
         """The kernel's tensor lists for one param group, per device: (params, grads, buffers, is_first), and the

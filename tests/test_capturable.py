@@ -85,11 +85,14 @@ def test_step_with_tensor_lr_does_not_synchronize():
 
 
 @requires_cuda_kernel
-def test_cuda_graph_of_a_whole_training_step_matches_eager():
-    """Forward, backward and step captured once, replayed with new data and a scheduled lr, match eager steps."""
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["step", "clipped-step"])
+def test_cuda_graph_of_a_whole_training_step_matches_eager(clip):
+    """Forward, backward and step captured once, replayed with new data and a scheduled lr, match eager steps; with
+    max_grad_norm, the norm and the clip coefficient are captured too."""
     graphed, eager = model_pair("cuda")
-    opt_g = FusedNAG(graphed.parameters(), lr=torch.tensor(0.1, device="cuda"), capturable=True, **KW)
-    opt_e = FusedNAG(eager.parameters(), lr=0.1, **KW)
+    opt_g = FusedNAG(graphed.parameters(), lr=torch.tensor(0.1, device="cuda"), capturable=True, max_grad_norm=clip,
+                     **KW)
+    opt_e = FusedNAG(eager.parameters(), lr=0.1, max_grad_norm=clip, **KW)
     sched_g = torch.optim.lr_scheduler.StepLR(opt_g, step_size=3, gamma=0.5)
     sched_e = torch.optim.lr_scheduler.StepLR(opt_e, step_size=3, gamma=0.5)
     gen = torch.Generator().manual_seed(2)

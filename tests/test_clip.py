@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from conftest import LOW_PRECISION
+from conftest import LOW_PRECISION, requires_cuda_kernel
 from nag_cuda import FusedNAG
 from nag_cuda._ops import ops
 from test_parity import SHAPES, make_grads, make_params, sgd
@@ -210,3 +210,23 @@ def test_ops_pass_opcheck():
     p, g, b = torch.randn(20), torch.randn(20), torch.randn(20)
     torch.library.opcheck(ops.nag_step_.default, ([p], [g], [b], [False], 0.1, 0.9, 0.0, False),
                           dict(grad_coef=torch.tensor(0.5)))
+
+
+@requires_cuda_kernel
+def test_no_host_synchronisation_on_cuda():
+    """The norm, the coefficient and the clipped step stay on the device, under GradScaler too."""
+    ours, theirs, opt, _ = pair(torch.float32, "cuda", max_grad_norm=0.5)
+    set_grads(ours, theirs, 0)
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 3):
+            set_grads(ours, theirs, step)
+            opt.step()
+        opt.grad_scale, opt.found_inf = torch.full((), 4.0, device="cuda"), torch.zeros((), device="cuda")
+        opt.step()  # (as GradScaler.step() calls it)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        opt.grad_scale = opt.found_inf = None
+    assert opt.last_grad_norm.device.type == "cuda"
