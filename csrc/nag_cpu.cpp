@@ -243,7 +243,57 @@ NAG_AVX2 void unscale_in_registers(uint16_t* g, int64_t n, float inv_scale) {
   }
   for (; i < n; ++i) g[i] = Io<P>::store(unscale(Io<P>::load(g[i]), inv_scale));
 }
+
+// Clipping for 16-bit grads: clip_chunk's and norm_chunk's math, 16 at a time (gcc's loops convert float16 one
+// element at a time). The norm sums sixteen running results, in the lanes' order, combined in a fixed order.
+template <typename P>
+NAG_AVX2 void clip_in_registers(const uint16_t* g, uint16_t* out, int64_t n, float coef) {
+  int64_t i = 0;
+  float gf[16];
+  for (; i + 16 <= n; i += 16) {
+    Lanes<P>::load(g + i, gf);
+    for (int j = 0; j < 16; ++j) gf[j] = clip(gf[j], coef);
+    Lanes<P>::store(gf, out + i);
+  }
+  for (; i < n; ++i) out[i] = Io<P>::store(clip(Io<P>::load(g[i]), coef));
+}
+
+template <NormKind K, typename P>
+NAG_AVX2 double norm_in_registers(const uint16_t* g, int64_t n, float inv_scale, double p) {
+  double acc[16] = {};
+  float gf[16];
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    Lanes<P>::load(g + i, gf);
+    for (int j = 0; j < 16; ++j) acc[j] = norm_combine<K>(acc[j], norm_term<K>(double(unscale(gf[j], inv_scale)), p));
+  }
+  for (; i < n; ++i) acc[0] = norm_combine<K>(acc[0], norm_term<K>(double(unscale(Io<P>::load(g[i]), inv_scale)), p));
+  double total = acc[0];
+  for (int j = 1; j < 16; ++j) total = norm_combine<K>(total, acc[j]);
+  return total;
+}
 #endif
+
+// A block's grads clipped into `out`, and the norm's partial result of a block: in registers where the CPU allows.
+template <typename P, typename SP>
+void clip_span(const SP* g, SP* out, int64_t n, float coef) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<P, c10::Half> || std::is_same_v<P, c10::BFloat16>) {
+    if (has_avx2()) return clip_in_registers<P>(g, out, n, coef);
+  }
+#endif
+  clip_chunk<P>(g, out, n, coef);
+}
+
+template <NormKind K, typename P, typename SP>
+double norm_span(const SP* g, int64_t n, float inv_scale, double p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<P, c10::Half> || std::is_same_v<P, c10::BFloat16>) {
+    if (has_avx2()) return norm_in_registers<K, P>(g, n, inv_scale, p);
+  }
+#endif
+  return norm_chunk<K, P>(g, n, inv_scale, p);
+}
 
 // One block's elements with its compile-time flags: through float16 tiles, random-bit tiles or directly.
 template <bool kFirst, bool kDecay, bool kFused, Mode kMode, typename P, typename B, typename SP, typename SB,
@@ -331,7 +381,7 @@ void update_blocks(const LaunchTable& t, int64_t begin, int64_t end, const Hyper
     const int64_t n = w.end - w.begin;
     if (inv_scale != nullptr) unscale_span<P>(g, n, *inv_scale);
     if (coef != nullptr) {
-      clip_chunk<P>(g, clipped.get(), n, *coef);
+      clip_span<P>(g, clipped.get(), n, *coef);
       g = clipped.get();
     }
     if (t.first[seg] != 0) {
@@ -390,7 +440,7 @@ void norm(const Group& group, NormKind kind, float p, const float* inv_grad_scal
         const S* g = static_cast<const S*>(t.grad[w.segment]) + w.begin;
         const int64_t n = w.end - w.begin;
         visit_norm(kind, [&](auto k) {
-          partials[first_block + block] = norm_chunk<decltype(k)::value, T>(g, n, inv_scale, p);
+          partials[first_block + block] = norm_span<decltype(k)::value, T>(g, n, inv_scale, p);
         });
       }
     });
