@@ -190,15 +190,15 @@ struct NoGil {
 // the norm.
 at::Tensor clip_calls(std::vector<Call>& calls, const std::optional<at::Tensor>& grad_scale, double max_norm,
                       double norm_type) {
-  std::vector<std::pair<c10::Device, std::vector<at::Tensor>>> by_device;
+  std::vector<std::pair<c10::Device, Borrowed>> by_device;
   for (const Call& c : calls) {
     auto it = std::find_if(by_device.begin(), by_device.end(), [&](const auto& d) { return d.first == c.device; });
-    if (it == by_device.end()) it = by_device.insert(by_device.end(), {c.device, {}});
-    it->second.insert(it->second.end(), c.grads.list().begin(), c.grads.list().end());
+    Borrowed& grads = it != by_device.end() ? it->second : by_device.emplace_back(c.device, Borrowed()).second;
+    for (const at::Tensor& grad : c.grads.list()) grads.add(grad);
   }
   at::Tensor total;
   for (const auto& [device, grads] : by_device) {
-    at::Tensor part = grad_norm_partial(grads, norm_type, on(grad_scale, device));
+    at::Tensor part = grad_norm_partial(grads.list(), norm_type, on(grad_scale, device));
     if (!total.defined()) {
       total = part;
       continue;
