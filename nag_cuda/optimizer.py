@@ -371,7 +371,10 @@ class FusedNAG(Optimizer):
         specs = [(group["params"], keys.setdefault(settings, len(keys)), lr, *hyper, group["momentum_dtype"],
                   group["master_weights"], may_skip, sr_seed)
                  for group, settings, lr, hyper, may_skip, sr_seed in self._groups()]
-        clip = None if self.max_grad_norm is None else (float(self.max_grad_norm), float(self.norm_type))
+        clip = None
+        if self.max_grad_norm is not None:
+            _check_clipping(self.max_grad_norm, self.norm_type)  # (also when set after construction)
+            clip = (float(self.max_grad_norm), float(self.norm_type))
         done = _C._step(specs, self.state, getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
                         self._state_cache, clip)
         if isinstance(done, torch.Tensor):
@@ -406,7 +409,10 @@ class FusedNAG(Optimizer):
                 _check_sparse_group(group)
                 sparse.append((group, sparse_here))
         calls = list(calls.values())
-        norm, coef = self._clip_coefficient(grad_scale) if self.max_grad_norm is not None else (None, None)
+        norm = coef = None
+        if self.max_grad_norm is not None:
+            _check_clipping(self.max_grad_norm, self.norm_type)
+            norm, coef = self._clip_coefficient(grad_scale)
         for _, lists, _, kwargs in calls:
             if len(lists) == 5:  # master weights: a keyword argument of the op
                 kwargs["master_params"] = lists.pop()

@@ -191,6 +191,23 @@ def test_bad_input_fails_at_construction(kwargs, error, match):
         FusedNAG([torch.nn.Parameter(torch.ones(2))], lr=0.1, **kwargs)
 
 
+@pytest.mark.parametrize("python", [False, True], ids=["c++-step", "python-step"])
+@pytest.mark.parametrize("attribute, value, error", [("max_grad_norm", -1.0, ValueError),
+                                                     ("max_grad_norm", "1", TypeError),
+                                                     ("norm_type", 0.0, ValueError)])
+def test_bad_setting_made_later_fails_before_anything_changes(attribute, value, error, python):
+    ps = [torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(3))]
+    opt = FusedNAG([dict(params=ps[:1]), dict(params=ps[1:], lr=0.2)], lr=0.1, max_grad_norm=1.0)
+    if python:
+        opt._step_plain = lambda: False
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    setattr(opt, attribute, value)
+    with pytest.raises(error, match=attribute):
+        opt.step()
+    assert all(torch.equal(p, torch.ones_like(p)) for p in ps) and not opt.state and opt.last_grad_norm is None
+
+
 def test_copies_keep_the_setting():
     p = torch.nn.Parameter(torch.ones(5))
     opt = FusedNAG([p], lr=0.1, max_grad_norm=0.25, norm_type=1.0)
