@@ -231,33 +231,22 @@ NAG_AVX2 void update_in_registers(uint16_t* p, const uint16_t* g, SB* b, float* 
   }
 }
 
-// GradScaler for 16-bit grads: unscale_chunk's math, 16 at a time.
-template <typename P>
-NAG_AVX2 void unscale_in_registers(uint16_t* g, int64_t n, float inv_scale) {
+// 16-bit grads through f (GradScaler's unscale, clipping's multiply) into dst, which may be src: unscale_chunk's and
+// clip_chunk's math, 16 at a time (gcc's loops convert float16 one element at a time).
+template <typename P, typename F>
+NAG_AVX2 void map_in_registers(const uint16_t* src, uint16_t* dst, int64_t n, F f) {
   int64_t i = 0;
   float gf[16];
   for (; i + 16 <= n; i += 16) {
-    Lanes<P>::load(g + i, gf);
-    for (int j = 0; j < 16; ++j) gf[j] = unscale(gf[j], inv_scale);
-    Lanes<P>::store(gf, g + i);
+    Lanes<P>::load(src + i, gf);
+    for (int j = 0; j < 16; ++j) gf[j] = f(gf[j]);
+    Lanes<P>::store(gf, dst + i);
   }
-  for (; i < n; ++i) g[i] = Io<P>::store(unscale(Io<P>::load(g[i]), inv_scale));
+  for (; i < n; ++i) dst[i] = Io<P>::store(f(Io<P>::load(src[i])));
 }
 
-// Clipping for 16-bit grads: clip_chunk's and norm_chunk's math, 16 at a time (gcc's loops convert float16 one
-// element at a time). The norm sums sixteen running results, in the lanes' order, combined in a fixed order.
-template <typename P>
-NAG_AVX2 void clip_in_registers(const uint16_t* g, uint16_t* out, int64_t n, float coef) {
-  int64_t i = 0;
-  float gf[16];
-  for (; i + 16 <= n; i += 16) {
-    Lanes<P>::load(g + i, gf);
-    for (int j = 0; j < 16; ++j) gf[j] = clip(gf[j], coef);
-    Lanes<P>::store(gf, out + i);
-  }
-  for (; i < n; ++i) out[i] = Io<P>::store(clip(Io<P>::load(g[i]), coef));
-}
-
+// The norm's partial result of 16-bit grads, 16 at a time: sixteen running results, in the lanes' order, combined in
+// a fixed order.
 template <NormKind K, typename P>
 NAG_AVX2 double norm_in_registers(const uint16_t* g, int64_t n, float inv_scale, double p) {
   double acc[16] = {};
@@ -279,7 +268,7 @@ template <typename P, typename SP>
 void clip_span(const SP* g, SP* out, int64_t n, float coef) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<P, c10::Half> || std::is_same_v<P, c10::BFloat16>) {
-    if (has_avx2()) return clip_in_registers<P>(g, out, n, coef);
+    if (has_avx2()) return map_in_registers<P>(g, out, n, [=](float x) { return clip(x, coef); });
   }
 #endif
   clip_chunk<P>(g, out, n, coef);
@@ -323,7 +312,7 @@ template <typename P, typename SP>
 void unscale_span(SP* g, int64_t n, float inv_scale) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<P, c10::Half> || std::is_same_v<P, c10::BFloat16>) {
-    if (has_avx2()) return unscale_in_registers<P>(g, n, inv_scale);
+    if (has_avx2()) return map_in_registers<P>(g, g, n, [=](float x) { return unscale(x, inv_scale); });
   }
 #endif
   unscale_chunk<P>(g, n, inv_scale);
@@ -356,7 +345,9 @@ bool torch_fuses_multiply_add() {
 template <bool kDecay, bool kFused, Mode kMode, typename P, typename B, typename SP, typename SB, typename M>
 void update_blocks(const LaunchTable& t, int64_t begin, int64_t end, const Hyper<M>& h, const float* inv_scale,
                    const float* coef, uint64_t launch_key) {
-  std::unique_ptr<SP[]> clipped(coef != nullptr ? new SP[kChunk] : nullptr);
+  // (one tile per thread, made at its first clipped step and kept: a step allocates nothing)
+  thread_local std::unique_ptr<SP[]> clipped;
+  if (coef != nullptr && clipped == nullptr) clipped.reset(new SP[kChunk]);
   BlockWork w = block_work(t.block_start, t.numel, t.size, begin);
   for (int64_t block = begin; block < end; ++block) {
     if (block >= t.block_start[w.segment + 1]) {

@@ -482,7 +482,8 @@ at::Tensor grad_norm_partial(at::TensorList grads, double norm_type, const std::
   const float* inv = inv_scale.defined() ? inv_scale.const_data_ptr<float>() : nullptr;
   at::Tensor result;
   if (device.is_cpu()) {
-    std::vector<double> partials(blocks);
+    thread_local std::vector<double> partials;  // (kept: its capacity serves the next steps, which allocate nothing)
+    partials.assign(blocks, 0.0);
     double* out = partials.data();
     for (const Group& group : groups) {
       if (group.numel.empty()) continue;
