@@ -352,6 +352,62 @@ def host_per_tensor(device, counts=HOST_COUNTS, reps=15, rounds=3):
     return out
 
 
+GROUP_COUNTS = (100, 2000)
+
+
+@torch.no_grad()
+def host_per_group(device, counts=GROUP_COUNTS, reps=15, rounds=3):
+    """Host µs per param group of step() with n groups of one one-element param each (layer-wise settings), one CPU
+    thread: {"method, same lr" / "method, lr per group": {n: µs}}, medians of `reps` steps back-to-back in `rounds`
+    rounds that alternate the methods. With the same settings, FusedNAG's groups share one op call per device; with a
+    different lr each, every group is one op call."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    makers = {"FusedNAG": lambda groups: FusedNAG(groups, **HYPER),
+              "torch fused": lambda groups: torch.optim.SGD(groups, nesterov=True, fused=True, **HYPER),
+              "torch foreach": lambda groups: torch.optim.SGD(groups, nesterov=True, foreach=True, **HYPER)}
+    out = {}
+    try:
+        for n in counts:
+            opts = {}
+            for name, make in makers.items():
+                for setting, lr in (("same lr", lambda i: HYPER["lr"]),
+                                    ("lr per group", lambda i: HYPER["lr"] * (1 + i / n))):
+                    params = [torch.nn.Parameter(torch.rand(1, device=device)) for _ in range(n)]
+                    for p in params:
+                        p.grad = torch.rand_like(p)
+                    opt = make([{"params": [p], "lr": lr(i)} for i, p in enumerate(params)])
+                    for _ in range(3):
+                        opt.step()
+                    opts[f"{name}, {setting}"] = opt
+            order = random.Random(n)
+            samples = {name: [] for name in opts}
+            for _ in range(rounds):
+                for name in order.sample(list(opts), len(opts)):
+                    for _ in range(reps):
+                        sync(device)
+                        start = time.perf_counter()
+                        opts[name].step()
+                        samples[name].append(time.perf_counter() - start)
+            sync(device)
+            for name, seconds in samples.items():
+                out.setdefault(name, {})[n] = 1e6 * statistics.median(seconds) / n
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def group_markdown(groups):
+    counts = list(next(iter(groups.values())))
+    lines = ["Host µs per param group of step() (one param of one element per group, one CPU thread, back-to-back), "
+             "and in brackets torch fused's time ÷ this method's:", "",
+             "| method | " + " | ".join(f"{n} groups" for n in counts) + " |", "| --- |" + " ---: |" * len(counts)]
+    for name, row in groups.items():
+        fused = groups["torch fused, " + name.split(", ")[1]]
+        lines.append(f"| {name} | " + " | ".join(f"{row[n]:.2f} ({fused[n] / row[n]:.1f}x)" for n in counts) + " |")
+    return "\n".join(lines)
+
+
 def host_per_tensor_fresh(device, counts=HOST_COUNTS, processes=1):
     """host_per_tensor with each count in a new process: objects made after others were freed land scattered over the
     heap, which made the first optimizer built for the next count up to 2x slower than the same one built first.
@@ -359,15 +415,21 @@ def host_per_tensor_fresh(device, counts=HOST_COUNTS, processes=1):
     can read 1.5x another's)."""
     runs = {}
     for n in counts:
-        code = (f"import json, sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_step; "
-                f"print(json.dumps(bench_step.host_per_tensor(torch.device({str(device)!r}), counts=({n},))))")
         for _ in range(processes):
-            done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-            for kind, rows in json.loads(done.stdout.splitlines()[-1]).items():
+            result = in_fresh_process(f"host_per_tensor(torch.device({str(device)!r}), counts=({n},))")
+            for kind, rows in result.items():
                 for name, row in rows.items():
                     runs.setdefault(kind, {}).setdefault(name, {}).setdefault(n, []).append(row[str(n)])
     return {kind: {name: {n: statistics.median(us) for n, us in row.items()} for name, row in rows.items()}
             for kind, rows in runs.items()}
+
+
+def in_fresh_process(call):
+    """The JSON result of `bench_step.<call>`, run in a new Python process."""
+    code = (f"import json, sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_step; "
+            f"print(json.dumps(bench_step.{call}))")
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def host_markdown(host):
@@ -511,7 +573,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, help="interleaved rounds per set (default: 5 quick, 15 full)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where results go")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart (no matplotlib needed)")
-    parser.add_argument("--host", action="store_true", help="only the host cost per tensor (100/2000/10000 tensors)")
+    parser.add_argument("--host", action="store_true",
+                        help="only the host cost per tensor (100/2000/10000 tensors) and per param group (100/2000)")
     parser.add_argument("--processes", type=int, default=3,
                         help="--host: fresh processes per tensor count, each method's median over them (default 3)")
     args = parser.parse_args(argv)
@@ -605,13 +668,15 @@ def save(out, name, result, table):
 def host_main(args, device):
     """--host: the host cost per tensor alone, with the issue's targets, written next to the other results."""
     host = host_per_tensor_fresh(device, processes=args.processes)
+    groups = {name: {int(n): us for n, us in row.items()}
+              for name, row in in_fresh_process(f"host_per_group(torch.device({str(device)!r}))").items()}
     meta = dict(device=device_name(device), torch=torch.__version__, python=platform.python_version(),
                 date=datetime.date.today().isoformat(), command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]))
-    result = dict(meta=meta, host_per_tensor=host, targets=host_targets(host))
+    result = dict(meta=meta, host_per_tensor=host, targets=host_targets(host), host_per_group=groups)
     table = "\n".join([f"Device: {meta['device']}; torch {meta['torch']}, Python {meta['python']}, {meta['date']}",
                        f"Command: `{meta['command']}`", "", host_markdown(host), "",
                        f"(each count in {args.processes} fresh processes, medians over them)", "", "Targets (issue 13):",
-                       *result["targets"]])
+                       *result["targets"], "", group_markdown(groups)])
     print(table)
     stem = save(args.out, f"{device.type} {meta['device']} host", result, table)
     print(f"\nwrote {stem}.json, {stem}.md in {args.out}")

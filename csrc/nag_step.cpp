@@ -75,6 +75,13 @@ struct NewState {
 PyObject* momentum_buffer_key = nullptr;
 PyObject* master_param_key = nullptr;
 
+// The param-group keys that _step reads, interned once (see read_group).
+struct GroupKeys {
+  PyObject *params, *lr, *momentum, *weight_decay, *maximize, *nesterov, *dampening, *differentiable, *capturable,
+      *momentum_dtype, *master_weights, *stochastic_rounding, *sr_seed, *sr_step;
+} group_keys;
+PyObject* zero = nullptr;  // the int 0
+
 // opt.state[param] (borrowed), or nullptr if absent. `id_hash`: hash(param) is id(param), as Tensor.__hash__ defines
 // it, so the lookup needs no call into Python (CPython's private known-hash lookup, public up to 3.12).
 PyObject* state_of(PyObject* state, PyObject* param, bool id_hash) {
@@ -149,6 +156,142 @@ void delete_cache(PyObject* capsule) {
   delete static_cast<StateCache*>(PyCapsule_GetPointer(capsule, "nag_cuda.StateCache"));
 }
 
+// What decides a param group's op call (FusedNAG._groups' `settings`): groups with equal settings share one call per
+// device, so that many groups with the same hyperparameters cost one call.
+struct Settings {
+  PyObject* lr_tensor = nullptr;  // a tensor lr, compared by identity (the kernel reads it); else `lr`
+  double lr = 0.0, momentum = 0.0, weight_decay = 0.0;
+  bool maximize = false, master = false;
+  std::optional<int64_t> sr_seed;
+  bool operator==(const Settings& o) const {
+    return lr_tensor == o.lr_tensor && lr == o.lr && momentum == o.momentum && weight_decay == o.weight_decay &&
+           maximize == o.maximize && master == o.master && sr_seed == o.sr_seed;
+  }
+};
+struct SettingsHash {
+  size_t operator()(const Settings& s) const {
+    size_t h = std::hash<const void*>()(s.lr_tensor);
+    for (double d : {s.lr, s.momentum, s.weight_decay}) h = h * 31 + std::hash<double>()(d == 0.0 ? 0.0 : d);
+    return h * 31 + (s.maximize ? 2 : 0) + (s.master ? 1 : 0) + std::hash<int64_t>()(s.sr_seed.value_or(-1));
+  }
+};
+
+// One param group as the step reads it.
+struct GroupSpec {
+  PyObject* params = nullptr;  // its list
+  Settings settings;
+  std::optional<at::ScalarType> momentum_dtype;
+  bool may_skip = false;  // as in FusedNAG._gather: GradScaler may skip the step, or it may be captured and replayed
+};
+
+// group[key] (borrowed), or null if absent.
+PyObject* get(PyObject* group, PyObject* key) {
+  PyObject* value = PyDict_GetItemWithError(group, key);
+  if (value == nullptr && PyErr_Occurred()) throw python_error();
+  return value;
+}
+
+// bool(value), or -1 (no Python error left set) where that raises.
+int truth(PyObject* value) {
+  const int t = PyObject_IsTrue(value);
+  if (t < 0) PyErr_Clear();
+  return t;
+}
+
+// A hyperparameter as FusedNAG._check_hyperparameters accepts it and _groups converts it: a number, or an object
+// with __float__ (numpy scalars, 1-element real tensors), as float(value). False (no Python error left set) for
+// anything else; `is_tensor` says whether it is a tensor, whose value is not checked at each step. read_tensor=false:
+// a tensor is not read (an lr tensor, which the kernel reads on the device: no host synchronisation, and a step that
+// a CUDA graph can capture).
+bool number(PyObject* value, double& out, bool& is_tensor, bool read_tensor = true) {
+  is_tensor = THPVariable_Check(value);
+  if (is_tensor) {
+    const at::Tensor& t = THPVariable_Unpack(value);
+    if (t.numel() != 1 || t.is_complex()) return false;
+    if (!read_tensor) return true;
+  } else if (!PyFloat_Check(value) && !PyLong_Check(value) &&
+             (Py_TYPE(value)->tp_as_number == nullptr || Py_TYPE(value)->tp_as_number->nb_float == nullptr)) {
+    return false;
+  }
+  out = PyFloat_AsDouble(value);
+  if (out == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+// Reads param group `index` as FusedNAG._groups and _check_group(values=False) do, for the values they accept. Returns
+// false, with nothing changed and no Python error set, for a value that they reject or that this reading does not
+// know: the Python path then takes the step, or raises its own error.
+bool read_group(PyObject* group, Py_ssize_t index, bool scaled, GroupSpec& out) {
+  const GroupKeys& k = group_keys;
+  out = GroupSpec();
+  if (!PyDict_CheckExact(group)) return false;
+  PyObject* params = get(group, k.params);
+  PyObject* lr = get(group, k.lr);
+  PyObject* momentum = get(group, k.momentum);
+  PyObject* weight_decay = get(group, k.weight_decay);
+  PyObject* maximize = get(group, k.maximize);
+  PyObject* capturable = get(group, k.capturable);
+  PyObject* momentum_dtype = get(group, k.momentum_dtype);
+  PyObject* master = get(group, k.master_weights);
+  PyObject* stochastic = get(group, k.stochastic_rounding);
+  for (PyObject* required : {params, lr, momentum, weight_decay, maximize, capturable, momentum_dtype, master,
+                             stochastic}) {
+    if (required == nullptr) return false;
+  }
+  if (!PyList_Check(params)) return false;  // (torch makes it a list; user code may have replaced it)
+  out.params = params;
+  Settings& s = out.settings;
+  bool lr_is_tensor, momentum_is_tensor, weight_decay_is_tensor;
+  if (!number(lr, s.lr, lr_is_tensor, /*read_tensor=*/false) || !number(momentum, s.momentum, momentum_is_tensor) ||
+      !number(weight_decay, s.weight_decay, weight_decay_is_tensor)) {
+    return false;
+  }
+  s.lr_tensor = lr_is_tensor ? lr : nullptr;
+  // (as _check_hyperparameters compares them: NaN passes)
+  if ((!lr_is_tensor && s.lr < 0.0) || (!momentum_is_tensor && s.momentum <= 0.0) ||
+      (!weight_decay_is_tensor && s.weight_decay < 0.0)) {
+    return false;
+  }
+  PyObject* nesterov = get(group, k.nesterov);
+  PyObject* dampening = get(group, k.dampening);
+  PyObject* differentiable = get(group, k.differentiable);
+  if (nesterov != nullptr && truth(nesterov) != 1) return false;
+  if (dampening != nullptr) {
+    const int nonzero = PyObject_RichCompareBool(dampening, zero, Py_NE);
+    if (nonzero != 0) {
+      if (nonzero < 0) PyErr_Clear();
+      return false;
+    }
+  }
+  if (differentiable != nullptr && truth(differentiable) != 0) return false;
+  const int maximize_t = truth(maximize), capturable_t = truth(capturable), master_t = truth(master);
+  const int stochastic_t = truth(stochastic);
+  if (maximize_t < 0 || capturable_t < 0 || master_t < 0 || stochastic_t < 0) return false;
+  if (capturable_t == 1 && (momentum_is_tensor || weight_decay_is_tensor)) return false;
+  s.maximize = maximize_t == 1;
+  s.master = master_t == 1;
+  out.may_skip = scaled || capturable_t == 1;
+  if (momentum_dtype != Py_None && !THPDtype_Check(momentum_dtype)) return false;
+  out.momentum_dtype = momentum_dtype == Py_None
+                           ? std::nullopt
+                           : std::optional(reinterpret_cast<THPDtype*>(momentum_dtype)->scalar_type);
+  if (stochastic_t == 1) {  // a different key for every step and group, hashed by the kernels (as _groups makes it)
+    PyObject* seed = get(group, k.sr_seed);
+    PyObject* step = get(group, k.sr_step);
+    if (seed == nullptr || step == nullptr || !PyLong_Check(seed) || !PyLong_Check(step)) return false;
+    // (sr_seed + sr_step * C1 + index * C2) % 2**63, exactly: arithmetic modulo 2**64 keeps the low 63 bits
+    const uint64_t key = PyLong_AsUnsignedLongLongMask(seed) +
+                         PyLong_AsUnsignedLongLongMask(step) * 0x9E3779B97F4A7C15ull +
+                         static_cast<uint64_t>(index) * 0xD1B54A32D192ED03ull;
+    if (PyErr_Occurred()) throw python_error();
+    s.sr_seed = static_cast<int64_t>(key & ((uint64_t{1} << 63) - 1));
+  }
+  return true;
+}
+
 std::optional<at::Tensor> on(const std::optional<at::Tensor>& t, c10::Device device) {
   if (!t.has_value() || t->device() == device) return t;
   return t->to(device, /*non_blocking=*/true);
@@ -212,21 +355,22 @@ at::Tensor clip_calls(std::vector<Call>& calls, const std::optional<at::Tensor>&
   return norm;
 }
 
-// _step(specs, state, grad_scale, found_inf, cache=None, clip=None) -> True, or the norm. specs: one tuple per param
-// group, (params, key, lr, momentum, weight_decay, maximize, momentum_dtype, master_weights, may_skip, sr_seed);
-// groups with equal keys share op calls. cache: the optimizer's StateCache (from _state_cache()), or None to look
-// everything up. clip: (max_grad_norm, norm_type) to clip the grads by their global norm, which is then returned
-// instead of True; or None.
-// Returns False, having changed nothing, where a tensor is not a plain strided Tensor or Parameter (DTensor, other
-// subclasses, sparse grads) or a state entry is not a dict: FusedNAG's Python path handles those. Raises, having
-// changed nothing, on bad input.
+// _step(param_groups, state, grad_scale, found_inf, cache=None, clip=None) -> True, or the norm. Groups with equal
+// settings share op calls. cache: the optimizer's StateCache (from _state_cache()), or None to look everything up.
+// clip: (max_grad_norm, norm_type) to clip the grads by their global norm, which is then returned instead of True; or
+// None.
+// Returns False, having changed nothing, where a param group holds a value that read_group leaves to Python, a
+// tensor is not a plain strided Tensor or Parameter (DTensor, other subclasses, sparse grads) or a state entry is not
+// a dict: FusedNAG's Python path handles those (and raises on bad ones). Raises, having changed nothing, on bad
+// tensors.
 PyObject* step(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *specs, *state, *grad_scale_obj, *found_inf_obj, *cache_obj = Py_None, *clip_obj = Py_None;
-  if (!PyArg_ParseTuple(args, "O!O!OO|OO", &PyList_Type, &specs, &PyDict_Type, &state, &grad_scale_obj,
-                        &found_inf_obj, &cache_obj, &clip_obj)) {
+  PyObject *groups, *state, *grad_scale_obj, *found_inf_obj, *cache_obj = Py_None, *clip_obj = Py_None;
+  if (!PyArg_ParseTuple(args, "OO!OO|OO", &groups, &PyDict_Type, &state, &grad_scale_obj, &found_inf_obj, &cache_obj,
+                        &clip_obj)) {
     return nullptr;
   }
+  if (!PyList_Check(groups)) Py_RETURN_FALSE;  // (torch makes it a list)
   double max_norm = 0.0, norm_type = 2.0;
   if (clip_obj != Py_None && !PyArg_ParseTuple(clip_obj, "dd", &max_norm, &norm_type)) return nullptr;
   StateCache* cache = nullptr;
@@ -250,28 +394,19 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
   size_t last_call = 0;
   int id_hash = -1;  // unknown until the first param: whether hash(p) == id(p)
 
-  for (Py_ssize_t g = 0; g < PyList_GET_SIZE(specs); ++g) {
-    PyObject *params, *lr_obj, *momentum_dtype_obj, *sr_seed_obj;
-    long key;
-    double momentum, weight_decay;
-    int maximize, master, may_skip;
-    if (!PyArg_ParseTuple(PyList_GET_ITEM(specs, g), "OlOddpOppO", &params, &key, &lr_obj, &momentum, &weight_decay,
-                          &maximize, &momentum_dtype_obj, &master, &may_skip, &sr_seed_obj)) {
-      return nullptr;
+  std::unordered_map<Settings, long, SettingsHash> keys;  // settings -> their index
+  GroupSpec spec;
+  Settings last_settings;
+  long key = -1;
+  for (Py_ssize_t g = 0; g < PyList_GET_SIZE(groups); ++g) {
+    if (!read_group(PyList_GET_ITEM(groups, g), g, found_inf_obj != Py_None, spec)) Py_RETURN_FALSE;
+    const Settings& settings = spec.settings;
+    if (key < 0 || !(settings == last_settings)) {  // (consecutive groups often share them)
+      key = keys.try_emplace(settings, static_cast<long>(keys.size())).first->second;
+      last_settings = settings;
     }
-    if (!PyList_Check(params)) Py_RETURN_FALSE;  // (torch makes it a list; user code may have replaced it)
-    const bool tensor_lr = THPVariable_Check(lr_obj);
-    const double lr = tensor_lr ? 0.0 : PyFloat_AsDouble(lr_obj);
-    if (!tensor_lr && PyErr_Occurred()) return nullptr;
-    std::optional<int64_t> sr_seed;
-    if (sr_seed_obj != Py_None) {
-      sr_seed = PyLong_AsLongLong(sr_seed_obj);
-      if (PyErr_Occurred()) return nullptr;
-    }
-    if (momentum_dtype_obj != Py_None && !THPDtype_Check(momentum_dtype_obj)) Py_RETURN_FALSE;
-    const std::optional<at::ScalarType> momentum_dtype =
-        momentum_dtype_obj == Py_None ? std::nullopt
-                                      : std::optional(reinterpret_cast<THPDtype*>(momentum_dtype_obj)->scalar_type);
+    PyObject* params = spec.params;
+    const bool master = settings.master;
 
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
       PyObject* obj = PyList_GET_ITEM(params, i);
@@ -332,12 +467,12 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
         if (added) {
           Call& call = calls.emplace_back();
           call.device = device;
-          if (tensor_lr) call.lr_tensor = on(THPVariable_Unpack(lr_obj), device);
-          call.lr = lr;
-          call.momentum = momentum;
-          call.weight_decay = weight_decay;
-          call.maximize = maximize;
-          call.sr_seed = sr_seed;
+          if (settings.lr_tensor != nullptr) call.lr_tensor = on(THPVariable_Unpack(settings.lr_tensor), device);
+          call.lr = settings.lr;
+          call.momentum = settings.momentum;
+          call.weight_decay = settings.weight_decay;
+          call.maximize = settings.maximize;
+          call.sr_seed = settings.sr_seed;
           const size_t rest = PyList_GET_SIZE(params) - i;  // (room for the rest of the group: no regrowth)
           for (Borrowed* list : {&call.params, &call.grads, &call.bufs}) list->reserve(rest);
           if (master) call.masters.reserve(rest);
@@ -349,11 +484,11 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
       Call& call = calls[last_call];
       // As FusedNAG._gather: a new buffer is -0.0 and stepped as not-first where the step may be skipped on the
       // device (GradScaler) or replayed (capturable); else it is written by the first step.
-      call.first.push_back(buf == nullptr && !may_skip);
+      call.first.push_back(buf == nullptr && !spec.may_skip);
       if (buf == nullptr) {
-        const at::ScalarType dtype = momentum_dtype.value_or(master ? at::kFloat : p.scalar_type());
+        const at::ScalarType dtype = spec.momentum_dtype.value_or(master ? at::kFloat : p.scalar_type());
         at::Tensor made = at::empty_like(p, p.options().dtype(dtype), at::MemoryFormat::Preserve);
-        if (may_skip) {
+        if (spec.may_skip) {
           made.fill_(p.is_complex() ? c10::Scalar(c10::complex<double>(-0.0, -0.0)) : c10::Scalar(-0.0));
         }
         new_state.push_back({THPObjectPtr(Py_NewRef(obj)), momentum_buffer_key, std::move(made)});
@@ -450,5 +585,18 @@ extern "C" PyObject* PyInit__C(void) {
   nag::momentum_buffer_key = PyUnicode_InternFromString("momentum_buffer");
   nag::master_param_key = PyUnicode_InternFromString("master_param");
   if (nag::momentum_buffer_key == nullptr || nag::master_param_key == nullptr) return nullptr;
+  nag::GroupKeys& k = nag::group_keys;
+  const std::pair<PyObject**, const char*> keys[] = {
+      {&k.params, "params"}, {&k.lr, "lr"}, {&k.momentum, "momentum"}, {&k.weight_decay, "weight_decay"},
+      {&k.maximize, "maximize"}, {&k.nesterov, "nesterov"}, {&k.dampening, "dampening"},
+      {&k.differentiable, "differentiable"}, {&k.capturable, "capturable"}, {&k.momentum_dtype, "momentum_dtype"},
+      {&k.master_weights, "master_weights"}, {&k.stochastic_rounding, "stochastic_rounding"},
+      {&k.sr_seed, "sr_seed"}, {&k.sr_step, "sr_step"}};
+  for (const auto& [key, name] : keys) {
+    *key = PyUnicode_InternFromString(name);
+    if (*key == nullptr) return nullptr;
+  }
+  nag::zero = PyLong_FromLong(0);
+  if (nag::zero == nullptr) return nullptr;
   return PyModule_Create(&module);
 }

@@ -361,22 +361,19 @@ class FusedNAG(Optimizer):
 
     def _step_plain(self) -> bool:
         """The step for plain tensors (Tensor or Parameter, strided grads, on a device with a kernel): one C++ call
-        (csrc/nag_step.cpp) reads every grad and state entry and makes the op calls, with no Python code per tensor.
-        Returns False, having changed nothing, where something needs the Python path (_step): a DTensor or other
-        subclass, a sparse grad, torch.compile tracing the step, a torch function mode."""
+        (csrc/nag_step.cpp) reads every param group, grad and state entry and makes the op calls, with no Python code
+        per group or tensor. Returns False, having changed nothing, where something needs the Python path (_step): a
+        DTensor or other subclass, a sparse grad, a group value that the C++ reading leaves to _groups (which raises
+        on a bad one), torch.compile tracing the step, a torch function mode."""
         if (torch.compiler.is_compiling() or type(self.state) not in (defaultdict, dict)
                 or torch._C._is_torch_function_mode_enabled()):
             return False
-        keys = {}
-        specs = [(group["params"], keys.setdefault(settings, len(keys)), lr, *hyper, group["momentum_dtype"],
-                  group["master_weights"], may_skip, sr_seed)
-                 for group, settings, lr, hyper, may_skip, sr_seed in self._groups()]
         clip = None
         if self.max_grad_norm is not None:
             _check_clipping(self.max_grad_norm, self.norm_type)  # (also when set after construction)
             clip = (float(self.max_grad_norm), float(self.norm_type))
-        done = _C._step(specs, self.state, getattr(self, "grad_scale", None), getattr(self, "found_inf", None),
-                        self._state_cache, clip)
+        done = _C._step(self.param_groups, self.state, getattr(self, "grad_scale", None),
+                        getattr(self, "found_inf", None), self._state_cache, clip)
         if isinstance(done, torch.Tensor):
             self._clipped["norm"] = done
         return done is not False

@@ -46,6 +46,14 @@ def test_host_per_tensor_reports_each_method_and_count():
     assert bench_step.host_targets(host) == []  # the targets are stated at 2000 and 10000 tensors only
 
 
+def test_host_per_group_reports_each_method_and_setting():
+    groups = bench_step.host_per_group(torch.device("cpu"), counts=(3, 5), reps=2, rounds=1)
+    assert set(groups) == {f"{m}, {s}" for m in ("FusedNAG", "torch fused", "torch foreach")
+                           for s in ("same lr", "lr per group")}
+    assert all(set(row) == {3, 5} and min(row.values()) > 0 for row in groups.values())
+    assert "| FusedNAG, lr per group |" in bench_step.group_markdown(groups)
+
+
 def test_host_per_tensor_fresh_takes_medians_over_processes():
     host = bench_step.host_per_tensor_fresh(torch.device("cpu"), counts=(3,), processes=2)
     assert set(host) == {"back-to-back", "interleaved"}

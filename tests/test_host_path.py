@@ -11,6 +11,7 @@ import pickle
 import sys
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,20 +196,104 @@ def test_add_param_group_mid_run_matches_torch(c_path_only):
         assert_same(ours + extra[:1], theirs + extra[1:], opt, ref)
 
 
-def test_groups_sharing_a_call_then_one_changes_lr(c_path_only):
-    """Groups with equal settings share one op call; a group whose lr changes leaves it at the next step."""
+def test_groups_sharing_a_call_then_one_changes_a_setting(c_path_only):
+    """Groups with equal settings share one op call; a group whose lr, momentum, weight decay or maximize changes
+    leaves it at the next step."""
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt = FusedNAG([{"params": [p]} for p in ours], **HYPER)
     ref = torch.optim.SGD([{"params": [p]} for p in theirs], nesterov=True, **HYPER)
-    for step in range(5):
+    # the last group, each step from the next on, differs from the others in one setting
+    changes = {2: dict(momentum=0.5), 3: dict(momentum=0.9, weight_decay=0.1),
+               4: dict(weight_decay=0.01, maximize=True), 5: dict(maximize=False, lr=0.02)}
+    for step in range(7):
         for params, o in ((ours, opt), (theirs, ref)):
             give_grads(params, step)
-            if step == 2:
-                o.param_groups[1]["lr"] = 0.02
+            o.param_groups[2].update(changes.get(step, {}))
             o.step()
         assert_same(ours, theirs, opt, ref)
+
+
+# Param-group values that _C._step reads itself (csrc/nag_step.cpp, read_group), each in the second of two groups.
+GROUP_VALUES = {
+    "ints": dict(lr=1, momentum=1, weight_decay=0),
+    "numpy scalars": dict(lr=np.float64(0.05), momentum=np.float32(0.8), weight_decay=np.float32(1e-3)),
+    "tensor lr": dict(lr=torch.tensor(0.05)),
+    "tensor momentum and weight_decay": dict(momentum=torch.tensor(0.8), weight_decay=torch.tensor(1e-3)),
+    "maximize as an int, dampening as a float": dict(maximize=1, dampening=0.0),
+    "NaN lr": dict(lr=float("nan")),
+}
+
+
+@pytest.mark.parametrize("values", GROUP_VALUES.values(), ids=GROUP_VALUES.keys())
+def test_group_values_read_in_cpp_match_torch(values, c_path_only):
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = FusedNAG([{"params": ours[:1]}, {"params": ours[1:], **values}], **HYPER)
+    ref = torch.optim.SGD([{"params": theirs[:1]}, {"params": theirs[1:], **values}], nesterov=True, **HYPER)
+    for step in range(4):
+        for params, o in ((ours, opt), (theirs, ref)):
+            give_grads(params, step)
+            o.step()
+        for a, b in zip(ours, theirs, strict=True):  # (NaN == NaN here)
+            assert torch.equal(a.detach().nan_to_num(), b.detach().nan_to_num())
+            assert a.isnan().equal(b.isnan())
+
+
+def test_tensor_lr_is_not_read_on_the_host(c_path_only):
+    """A tensor lr is read by the kernel on the device, never by the step on the host (which would synchronise a
+    CUDA step with the host, and fail in a CUDA graph's capture)."""
+    class Unreadable(torch.Tensor):
+        def __float__(self):
+            raise AssertionError("the step read the tensor lr on the host")
+
+        __bool__ = __index__ = item = __float__
+
+    ours, theirs, opt, ref = twins(lr=torch.tensor(0.05))
+    opt.param_groups[0]["lr"] = torch.tensor(0.05).as_subclass(Unreadable)
+    for step in range(3):
+        for params, o in ((ours, opt), (theirs, ref)):
+            give_grads(params, step)
+            o.step()
+        assert_same(ours, theirs, opt, ref)
+
+
+def test_group_without_keys_that_torch_sgd_may_lack(c_path_only):
+    """nesterov, dampening and differentiable default as _check_group's group.get() defaults them."""
+    ours, theirs, opt, ref = twins()
+    for key in ("nesterov", "dampening", "differentiable"):
+        del opt.param_groups[0][key]
+    for step in range(3):
+        for params, o in ((ours, opt), (theirs, ref)):
+            give_grads(params, step)
+            o.step()
+        assert_same(ours, theirs, opt, ref)
+
+
+def test_stochastic_rounding_keys_of_cpp_and_python_paths_agree(monkeypatch):
+    """_C._step derives each group's random key from sr_seed, sr_step and the group's index as FusedNAG._groups does
+    (modulo 2**63): the C++ and the Python path round alike, with seeds of any sign and size, over many steps."""
+    seeds, steps = [-5, 7, 2**62 + 12345, 3**50], [0, 1, 2**40 + 3, 5]
+    results = []
+    for python_path in (False, True):
+        with monkeypatch.context() as m:
+            if python_path:
+                m.setattr(FusedNAG, "_step_plain", lambda self: False)
+            torch.manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(37, dtype=torch.bfloat16)) for _ in seeds]
+            start = [p.detach().clone() for p in params]
+            opt = FusedNAG([{"params": [p], "sr_seed": seed} for p, seed in zip(params, seeds, strict=True)],
+                           lr=0.01, stochastic_rounding=True)
+            for group, step in zip(opt.param_groups, steps, strict=True):
+                group["sr_step"] = step
+            for step in range(3):
+                give_grads(params, step)
+                opt.step()
+            results.append([p.detach().clone() for p in params])
+    for a, b, before in zip(*results, start, strict=True):
+        assert torch.equal(a, b) and not torch.equal(a, before)
 
 
 def test_load_state_dict_mid_run_matches_torch(c_path_only):
@@ -292,13 +377,13 @@ def test_c_path_declines_what_python_handles():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     emb(torch.tensor([1, 2])).sum().backward()
     opt = FusedNAG(emb.parameters(), lr=0.1)
-    assert _C._step([(opt.param_groups[0]["params"], 0, 0.1, 0.9, 0.0, False, None, False, False, None)],
-                    opt.state, None, None) is False
+    assert _C._step(opt.param_groups, opt.state, None, None) is False
 
     class Sub(torch.Tensor):
         pass
 
     p = torch.nn.Parameter(torch.randn(5)).as_subclass(Sub)
     p.grad = torch.randn(5)
-    assert _C._step([([p], 0, 0.1, 0.9, 0.0, False, None, False, False, None)], {}, None, None) is False
+    group = {**FusedNAG([torch.randn(5)]).param_groups[0], "params": [p]}
+    assert _C._step([group], {}, None, None) is False
     assert nag_cuda.optimizer._C is _C

@@ -213,22 +213,33 @@ def test_sparse_gradient_with_weight_decay_changes_nothing():
     assert torch.equal(emb.weight, emb_before) and emb.weight not in opt.state
 
 
-def test_invalid_group_changes_nothing():
-    """A group made invalid after construction (e.g. a non-Nesterov SGD state dict) fails before any update."""
+# Values that make a param group invalid after construction (e.g. a non-Nesterov SGD state dict, a typo), and the
+# error that _check_group raises for them at the step (the C++ step leaves such groups to it).
+BAD_GROUPS = {
+    "nesterov=False": (dict(nesterov=False), ValueError, "nesterov=True"),
+    "momentum=0": (dict(momentum=0.0), ValueError, "momentum"),
+    "negative lr": (dict(lr=-0.1), ValueError, "Invalid learning rate"),
+    "negative weight_decay": (dict(weight_decay=-1e-4), ValueError, "Invalid weight_decay"),
+    "dampening": (dict(dampening=0.1), ValueError, "dampening=0"),
+    "differentiable": (dict(differentiable=True), ValueError, "differentiable"),
+    "lr as a string": (dict(lr="0.1"), TypeError, "lr must be a real number"),
+    "momentum as a list": (dict(momentum=[0.9]), TypeError, "momentum must be a real number"),
+    "capturable with a tensor momentum": (dict(capturable=True, momentum=torch.tensor(0.9)), ValueError,
+                                          "capturable=True needs momentum"),
+}
+
+
+@pytest.mark.parametrize("values, error, match", BAD_GROUPS.values(), ids=BAD_GROUPS.keys())
+def test_invalid_group_changes_nothing(values, error, match):
+    """A group made invalid after construction fails before any update, in any group."""
     a = params_on("cpu")
     opt = FusedNAG([{"params": a[:2]}, {"params": a[2:]}], **HYPER)
     step_with(opt, a, 0)
     for p, g in zip(a, make_grads(a, 1), strict=True):
         p.grad = g
-    opt.param_groups[1]["nesterov"] = False
+    opt.param_groups[1].update(values)
     before = snapshot(opt, a)
-    with pytest.raises(ValueError, match="nesterov=True"):
-        opt.step()
-    assert_unchanged(before, opt, a)
-    opt.param_groups[1]["nesterov"] = True
-    opt.param_groups[1]["momentum"] = 0.0
-    before = snapshot(opt, a)
-    with pytest.raises(ValueError, match="momentum"):
+    with pytest.raises(error, match=match):
         opt.step()
     assert_unchanged(before, opt, a)
 
