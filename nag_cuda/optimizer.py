@@ -344,7 +344,7 @@ class FusedNAG(Optimizer):
         """Per param group, what its step needs: (group, settings, lr, (momentum, weight_decay, maximize), may_skip,
         sr_seed). Groups with equal `settings` share one op call per device (many one-param groups cost one call).
         may_skip: GradScaler may skip this step on the device, or the step may be captured and replayed (see
-        _gather)."""
+        _gather). For the Python path: the C++ one reads the groups alike (read_group in csrc/nag_step.cpp)."""
         found_inf = getattr(self, "found_inf", None)
         for index, group in enumerate(self.param_groups):
             _check_group(group, values=False)
