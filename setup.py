@@ -110,7 +110,9 @@ def extension():
     # No contraction into fused multiply-adds beyond the explicit fma() calls, so CPU and GPU round identically
     # (see nag_math.h).
     # -fno-trapping-math lets gcc turn the math's selects into vector blends (the kernel never reads FP flags).
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+    # -fvisibility-inlines-hidden: the inline torch accessors that gcc keeps out of line (TensorImpl::device(),
+    # layout(), sizes()) are called directly rather than through the PLT: about 7% of a many-tensor step's host time.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility-inlines-hidden"]
     common = dict(name="nag_cuda._C", include_dirs=[str(csrc.resolve())], extra_link_args=["-fopenmp"])
     cuda, why, library = cuda_build(CUDA_HOME, torch.version.cuda)
     if cuda:

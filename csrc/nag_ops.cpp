@@ -128,6 +128,12 @@ struct CallChecks {
   at::ScalarType known_param = at::ScalarType::Undefined;
   at::ScalarType known_buf = at::ScalarType::Undefined;
   Kind known_kind{Dtype::kFloat, Dtype::kFloat, Mode::kPlain};
+  // The last param that passed check_tensors dense and real, with its tensors: their dispatch keys, dtypes and kind
+  // (see like_last_dense). None until one has.
+  std::optional<c10::DispatchKeySet> dense_keys;
+  at::ScalarType dense_param = at::ScalarType::Undefined;
+  at::ScalarType dense_buf = at::ScalarType::Undefined;
+  Kind dense_kind{Dtype::kFloat, Dtype::kFloat, Mode::kPlain};
 };
 
 // The checks of a whole call (lengths, lr, GradScaler's tensors).
@@ -223,6 +229,43 @@ Kind check_tensors(const at::Tensor& p, const at::Tensor& grad, const at::Tensor
   return kind;
 }
 
+// The common case in a few instructions: params[i], its grad, buffer and master have the dispatch keys of the last
+// param that passed check_tensors dense and real (see check_param) -- which says that they are strided, neither
+// conjugate nor negative views, and inference tensors or not alike --, that param's dtypes, the call's device, and
+// params[i]'s sizes and strides, with params[i] dense. Then every check of check_tensors holds and the kernels can
+// walk them in place. False for anything else, which check_tensors then looks at one check at a time.
+bool like_last_dense(const at::Tensor& p, const at::Tensor& g, const at::Tensor& b, const at::Tensor* master,
+                     const CallChecks& call) {
+  const c10::DispatchKeySet keys = p.key_set();
+  if (call.dense_keys != keys || p.scalar_type() != call.dense_param || p.device() != call.device ||
+      !p.is_non_overlapping_and_dense()) {
+    return false;
+  }
+  const c10::IntArrayRef sizes = p.sizes(), strides = p.strides();
+  auto like = [&](const at::Tensor& t, at::ScalarType dtype) {
+    return t.key_set() == keys && t.scalar_type() == dtype && t.device() == call.device && same(t.sizes(), sizes) &&
+           same(t.strides(), strides);
+  };
+  return like(g, call.dense_param) && like(b, call.dense_buf) && (master == nullptr || like(*master, at::kFloat));
+}
+
+// check_tensors, through like_last_dense where it can. dense: whether the kernels can walk the tensors in place
+// (dense, of one layout, plain and real); else step_impl copies them.
+Kind check_param(const at::Tensor& p, const at::Tensor& grad, const at::Tensor& buf, const at::Tensor* master,
+                 size_t i, CallChecks& call, bool& dense) {
+  dense = true;
+  if (like_last_dense(p, grad, buf, master, call)) return call.dense_kind;
+  const Kind kind = check_tensors(p, grad, buf, master, i, call);
+  dense = same_dense_layout(p, grad, buf, master) && !p.is_complex();
+  if (dense) {
+    call.dense_keys = p.key_set();
+    call.dense_param = p.scalar_type();
+    call.dense_buf = buf.scalar_type();
+    call.dense_kind = kind;
+  }
+  return kind;
+}
+
 }  // namespace
 
 void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, const c10::List<bool>& is_first,
@@ -231,8 +274,10 @@ void check_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
                 bool stochastic, const std::optional<at::Tensor>& grad_coef) {
   CallChecks call = check_call(params, grads, bufs, is_first, lr, grad_scale, found_inf, master_params, stochastic,
                                grad_coef);
+  bool dense;
   for (size_t i = 0; i < params.size(); ++i) {
-    check_tensors(params[i], grads[i], bufs[i], master_params.has_value() ? &(*master_params)[i] : nullptr, i, call);
+    check_param(params[i], grads[i], bufs[i], master_params.has_value() ? &(*master_params)[i] : nullptr, i, call,
+                dense);
   }
 }
 
@@ -280,10 +325,11 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
     const at::Tensor* g = &grads[i];
     const at::Tensor* b = &bufs[i];
     const at::Tensor* m = master_params.has_value() ? &(*master_params)[i] : nullptr;
-    const Kind kind = check_tensors(*p, *g, *b, m, i, call);
+    bool dense;
+    const Kind kind = check_param(*p, *g, *b, m, i, call, dense);
     if (p->numel() == 0) continue;
     // The common case (dense, real) reads the tensors where they are, with no copies of the Tensor handles.
-    if (!same_dense_layout(*p, *g, *b, m) || p->is_complex()) {
+    if (!dense) {
       at::Tensor dense[4] = {materialize(*p), materialize(*g), materialize(*b), m ? materialize(*m) : at::Tensor()};
       // copy_ writes the values back through the original's strides (and conjugate or negative bit)
       if (!dense[0].is_same(*p)) write_back.emplace_back(*p, dense[0]);

@@ -129,6 +129,81 @@ def test_bad_input_changes_nothing(device, case):
             assert torch.equal(t, old), name
 
 
+def _after_a_plain_param(device):
+    """Each entry: (description, param, grad, buffer, master or None, expected message or None for a valid
+    step). The op's checks take a short path for a param like the plain one before it (csrc/nag_ops.cpp,
+    like_last_dense): each entry differs from a plain float32 (bfloat16 with a master) param in one thing."""
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    def with_master(param=None, grad=None, buf=None, master=None):
+        param = r(4, 6, dtype=torch.bfloat16) if param is None else param
+        return (param, r(4, 6, dtype=torch.bfloat16) if grad is None else grad,
+                r(4, 6) if buf is None else buf, param.float() if master is None else master)
+
+    with torch.inference_mode():
+        inference = r(4, 6)
+    return [
+        ("transposed grad", r(4, 6), r(6, 4).t(), r(4, 6), None, None),
+        ("strided param", r(4, 12)[:, ::2], r(4, 6), r(4, 6), None, None),
+        ("strided param, grad and buffer alike", r(4, 12)[:, ::2], r(4, 12)[:, ::2], r(4, 12)[:, ::2], None, None),
+        ("negative-view grad", r(4, 6), torch._neg_view(r(4, 6)), r(4, 6), None, None),
+        ("float64 param, grad and buffer", r(4, 6, dtype=torch.float64), r(4, 6, dtype=torch.float64),
+         r(4, 6, dtype=torch.float64), None, None),
+        ("bfloat16 buffer", r(4, 6), r(4, 6), r(4, 6, dtype=torch.bfloat16), None, None),
+        ("conjugate complex param", r(4, 6, dtype=torch.complex64).conj(), r(4, 6, dtype=torch.complex64),
+         r(4, 6, dtype=torch.complex64), None, None),
+        ("empty param", r(0, 6), r(0, 6), r(0, 6), None, None),
+        ("inference grad", r(4, 6), inference, r(4, 6), None, None),
+        ("grad shape", r(4, 6), r(6, 4), r(4, 6), None, r"grads\[1\] has shape"),
+        ("grad dtype", r(4, 6), r(4, 6, dtype=torch.float64), r(4, 6), None, r"grads\[1\] has dtype"),
+        ("buffer shape", r(4, 6), r(4, 6), r(24), None, r"momentum_buffers\[1\] has shape"),
+        ("buffer rows", r(4, 6), r(4, 6), r(3, 6), None, r"momentum_buffers\[1\] has shape"),
+        ("float64 param", r(4, 6, dtype=torch.float64), r(4, 6), r(4, 6), None, r"grads\[1\] has dtype"),
+        ("grad on meta", r(4, 6), torch.empty(4, 6, device="meta"), r(4, 6), None, r"grads\[1\] is on meta"),
+        ("expanded buffer", r(4, 6), r(4, 6), r(1, 6).expand(4, 6), None, "overlapping memory"),
+        ("inference param", inference, r(4, 6), r(4, 6), None, "Inplace update to inference tensor"),
+        ("sparse grad", r(4, 6), r(4, 6).to_sparse(), r(4, 6), None, "sparse gradients"),
+        ("transposed master", *with_master(master=r(6, 4).t()), None),
+        ("float16 param with master", *with_master(param=r(4, 6, dtype=torch.float16),
+                                                  grad=r(4, 6, dtype=torch.float16)), None),
+        ("master rows", *with_master(master=r(3, 6)), r"master_params\[1\] has shape"),
+        ("master dtype", *with_master(master=r(4, 6, dtype=torch.float64)), r"master_params\[1\] has dtype"),
+        ("expanded master", *with_master(master=r(1, 6).expand(4, 6)), "overlapping memory"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(23))
+def test_a_param_after_a_plain_one_is_checked_in_full(device, case):
+    """A plain param first, then the odd one: a valid step matches the reference to the bit, an invalid one raises
+    what it raises on its own and changes nothing."""
+    name, param, grad, buf, master, match = _after_a_plain_param(device)[case]
+    torch.manual_seed(0)
+    plain_dtype = torch.float32 if master is None else torch.bfloat16
+    first = [torch.randn(4, 6, dtype=plain_dtype, device=device) for _ in range(2)] + [torch.randn(4, 6, device=device)]
+    lists = [[first[0], param], [first[1], grad], [first[2], buf]]
+    masters = None if master is None else [first[0].float(), master]
+    kwargs = {} if masters is None else dict(master_params=masters)
+    written = lists[0] + lists[2] + (masters or [])
+    before = [t.clone() for t in written]
+    if match is not None:
+        with pytest.raises(RuntimeError, match=match):
+            op(*lists, [False, False], *HYPER, **kwargs)
+        for t, old in zip(written, before, strict=True):
+            assert torch.equal(t, old), name
+        return
+    ref = [[t.clone() for t in ts] for ts in lists]
+    ref_kwargs = {} if masters is None else dict(master_params=[t.clone() for t in masters])
+    op(*lists, [False, False], *HYPER, **kwargs)
+    nag_step_reference(*ref, [False, False], *HYPER, **ref_kwargs)
+    for a, b in zip(lists[0] + lists[2], ref[0] + ref[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    if masters is not None:
+        for a, b in zip(masters, ref_kwargs["master_params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not torch.equal(param, before[1]) or param.numel() == 0, name  # (it was stepped)
+
+
 @requires_cuda_kernel
 def test_cuda_tensor_over_2_pow_31_elements():
     """64-bit indexing: a bfloat16 tensor of 2^31 + 1029 elements (12 GiB for p, grad and buffer)."""
