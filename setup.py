@@ -105,7 +105,8 @@ def cuda_build(cuda_home=None, torch_cuda=None) -> tuple[bool, str, str | None]:
 
 def extension():
     csrc = Path("csrc")
-    sources = [str(csrc / f) for f in ("nag_ops.cpp", "nag_step.cpp", "nag_cpu.cpp")]
+    sources = [str(csrc / f) for f in ("nag_ops.cpp", "nag_cpu.cpp", "step.cpp", "step_read_groups.cpp",
+                                                     "step_gather.cpp", "step_run.cpp")]
     # -fopenmp: at::parallel_for runs serially in code compiled without OpenMP.
     # No contraction into fused multiply-adds beyond the explicit fma() calls, so CPU and GPU round identically
     # (see nag_math.h).

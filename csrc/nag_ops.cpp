@@ -30,14 +30,15 @@ namespace nag {
 namespace {
 
 // Complex tensors are updated as (real, imaginary) pairs, as torch's SGD does: the update is real-linear.
-Dtype to_dtype(at::ScalarType t, size_t i) {
+// (where: the op and argument, for the error message)
+Dtype to_dtype(at::ScalarType t, size_t i, const char* where = "nag_step_: params") {
   switch (c10::toRealValueType(t)) {
     case at::kFloat: return Dtype::kFloat;
     case at::kDouble: return Dtype::kDouble;
     case at::kHalf: return Dtype::kHalf;
     case at::kBFloat16: return Dtype::kBFloat16;
     default:
-      TORCH_CHECK(false, "nag_step_: params[", i, "] has dtype ", t,
+      TORCH_CHECK(false, where, "[", i, "] has dtype ", t,
                   "; supported are float32, float64, float16, bfloat16 and their complex types");
   }
 }
@@ -115,6 +116,8 @@ void check_amp_tensor(const std::optional<at::Tensor>& t, const char* name, c10:
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, "nag_step_: ", name,
               " must be a one-element float32 tensor, got ", t->scalar_type(), " of shape ", t->sizes());
   TORCH_CHECK(t->device() == device, "nag_step_: ", name, " is on ", t->device(), ", params on ", device);
+  TORCH_CHECK(!t->is_neg(), "nag_step_: ", name, " is a negated view (torch._neg_view), which the kernels would read "
+              "as its memory holds it; pass ", name, ".resolve_neg()");
 }
 
 // What the checks of each param need to know of its call.
@@ -299,8 +302,10 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
   // The kernels read a float32 or float64 lr; any other dtype (bfloat16, an integer) is converted to float64, exactly.
   at::Tensor lr_value;
   if (lr_tensor != nullptr) {
-    const bool readable = lr_tensor->scalar_type() == at::kFloat || lr_tensor->scalar_type() == at::kDouble;
-    lr_value = readable ? *lr_tensor : lr_tensor->to(at::kDouble);
+    // (and not a lazily negated view, torch._neg_view, whose memory holds -lr)
+    const bool readable =
+        (lr_tensor->scalar_type() == at::kFloat || lr_tensor->scalar_type() == at::kDouble) && !lr_tensor->is_neg();
+    lr_value = readable ? *lr_tensor : lr_tensor->resolve_neg().to(at::kDouble);
   }
 
   // Tensors the kernel cannot walk linearly are updated through contiguous copies, written back afterwards.
@@ -494,6 +499,8 @@ at::Tensor grad_norm_partial(at::TensorList grads, double norm_type, const std::
   if (grads.empty()) return at::zeros({}, at::kFloat);
   TORCH_CHECK(grads[0].defined(), "grad_norm_partial: grads[0] is undefined");
   const c10::Device device = grads[0].device();
+  TORCH_CHECK(device.is_cpu() || device.is_cuda(), "grad_norm_partial: grads[0] is on ", device,
+              ", which has no kernel");
   check_amp_tensor(grad_scale, "grad_scale", device);
   std::array<Group, 4> groups;  // the dense real grads, one group per dtype
   at::Tensor other;             // the partial result of the rest (complex, strided), from ATen
@@ -504,7 +511,7 @@ at::Tensor grad_norm_partial(at::TensorList grads, double norm_type, const std::
                 "] is undefined or not strided");
     TORCH_CHECK(g.device() == device, "grad_norm_partial: grads[", i, "] is on ", g.device(), ", grads[0] on ",
                 device, "; call once per device");
-    const Dtype dtype = to_dtype(g.scalar_type(), i);
+    const Dtype dtype = to_dtype(g.scalar_type(), i, "grad_norm_partial: grads");
     if (g.numel() == 0) continue;
     if (g.is_complex() || !g.is_non_overlapping_and_dense() || !plain(g)) {
       at::Tensor x = (g.is_complex() ? g.abs() : g).to(at::kFloat);
@@ -538,7 +545,9 @@ at::Tensor grad_norm_partial(at::TensorList grads, double norm_type, const std::
     }
     double total = 0.0;  // (in block order: the same result for any thread count)
     for (const double v : partials) total = max ? norm_combine<NormKind::kInf>(total, v) : total + v;
-    result = at::scalar_tensor(total, at::kFloat);
+    // (a sum beyond float's range is an infinite norm, as the float sums of the CUDA kernel and of torch make it)
+    result = at::scalar_tensor(total > std::numeric_limits<float>::max() ? std::numeric_limits<double>::infinity()
+                                                                         : total, at::kFloat);
   } else if (blocks > 0) {
 #ifdef NAG_WITH_CUDA
     const at::Tensor partials = at::empty({blocks}, grads[0].options().dtype(at::kFloat));

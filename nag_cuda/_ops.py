@@ -50,6 +50,11 @@ def _nag_step_fake(params, grads, momentum_buffers, is_first, lr, momentum, weig
 
 @torch.library.register_fake("nag_cuda::grad_norm_partial")
 def _grad_norm_partial_fake(grads, norm_type, *, grad_scale=None):
+    # (also what a list of real and meta tensors dispatches to: refused, as the kernels refuse mixed devices)
+    for i, grad in enumerate(grads):
+        if grad.device != grads[0].device:
+            raise RuntimeError(f"grad_norm_partial: grads[{i}] is on {grad.device}, grads[0] on {grads[0].device}; "
+                               "call once per device")
     return torch.empty((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import nag_cuda
+import nag_cuda._step
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -29,3 +30,13 @@ def dtype(request):
 def low_precision_tol(dtype):
     """One-step tolerance against a float64 oracle rounded to dtype: two units in the last place, relative."""
     return {torch.float16: dict(rtol=2**-9, atol=1e-5), torch.bfloat16: dict(rtol=2**-6, atol=1e-5)}[dtype]
+
+
+@pytest.fixture(params=["cpp", "python"])
+def step_path(request, monkeypatch):
+    """Runs a test on each step path: the C++ copy of the step's stages (the default, which may still hand a step
+    to Python), and the Python stages alone (nag_cuda/_step.py, the specification). Test files that use it for
+    every test say `pytestmark = pytest.mark.usefixtures("step_path")`."""
+    if request.param == "python":
+        monkeypatch.setattr(nag_cuda._step, "CPP_STEP", False)
+    return request.param

@@ -8,6 +8,7 @@ import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from conftest import LOW_PRECISION, requires_cuda_kernel
+import nag_cuda._step
 from nag_cuda import FusedNAG
 from nag_cuda._ops import ops
 from test_parity import SHAPES, make_grads, make_params, sgd
@@ -72,13 +73,12 @@ def test_no_clipping_is_exactly_torch(device):
         assert_same(ours, theirs, opt_ours, opt_theirs)
 
 
-def test_python_path_gives_the_same_bits(device):
+def test_python_path_gives_the_same_bits(device, monkeypatch):
     """The Python step (DTensors, torch.compile) clips as the C++ step does."""
     runs = []
     for python in (False, True):
         ours, theirs, opt, _ = pair(torch.float32, device, groups=True, max_grad_norm=0.3)
-        if python:
-            opt._step_plain = lambda: False
+        monkeypatch.setattr(nag_cuda._step, "CPP_STEP", not python)
         for step in range(3):
             set_grads(ours, theirs, step)
             opt.step()
@@ -191,15 +191,13 @@ def test_bad_input_fails_at_construction(kwargs, error, match):
         FusedNAG([torch.nn.Parameter(torch.ones(2))], lr=0.1, **kwargs)
 
 
-@pytest.mark.parametrize("python", [False, True], ids=["c++-step", "python-step"])
+@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("attribute, value, error", [("max_grad_norm", -1.0, ValueError),
                                                      ("max_grad_norm", "1", TypeError),
                                                      ("norm_type", 0.0, ValueError)])
-def test_bad_setting_made_later_fails_before_anything_changes(attribute, value, error, python):
+def test_bad_setting_made_later_fails_before_anything_changes(attribute, value, error):
     ps = [torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(3))]
     opt = FusedNAG([dict(params=ps[:1]), dict(params=ps[1:], lr=0.2)], lr=0.1, max_grad_norm=1.0)
-    if python:
-        opt._step_plain = lambda: False
     for p in ps:
         p.grad = torch.ones_like(p)
     setattr(opt, attribute, value)

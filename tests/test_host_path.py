@@ -1,8 +1,7 @@
-"""The step's C++ host path (csrc/nag_step.cpp) reads grads, tensors and param groups afresh at every step, and reuses
-last step's lookups in opt.state only while Python's dict version tags say they hold. Each test changes something
-between steps, as user code may, and compares with torch.optim.SGD(nesterov=True), bit for bit, after every step:
-anything remembered from an earlier step that no longer holds (a stale lookup, a grad, a data pointer, a setting)
-fails them (a stale lookup in opt.state can also crash the process, which fails them too)."""
+"""The step's C++ stages (csrc/step*.cpp) read grads, tensors, param groups and opt.state afresh at every step. Each
+test changes something between steps, as user code may, and compares with torch.optim.SGD(nesterov=True), bit for
+bit, after every step: anything remembered from an earlier step that no longer holds (a lookup, a grad, a data
+pointer, a setting) fails them (a stale lookup in opt.state can also crash the process, which fails them too)."""
 
 import copy
 import ctypes
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import nag_cuda._step
 import nag_cuda.optimizer
 from nag_cuda import FusedNAG
 from nag_cuda._ops import _C
@@ -25,11 +25,11 @@ HYPER = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
 
 @pytest.fixture
 def c_path_only(monkeypatch):
-    """The steps of the test must not fall back to the Python path (FusedNAG._step)."""
-    def refuse(self, careful):
-        raise AssertionError(f"FusedNAG took the Python path (careful={careful})")
+    """The steps of the test must not be handed to the Python stages (nag_cuda/_step.py)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("FusedNAG took the Python path")
 
-    monkeypatch.setattr(FusedNAG, "_step", refuse)
+    monkeypatch.setattr(nag_cuda._step, "read_groups", refuse)
 
 
 def twins(shapes=SHAPES, **hyper):
@@ -215,7 +215,7 @@ def test_groups_sharing_a_call_then_one_changes_a_setting(c_path_only):
         assert_same(ours, theirs, opt, ref)
 
 
-# Param-group values that _C._step reads itself (csrc/nag_step.cpp, read_group), each in the second of two groups.
+# Param-group values that _C._step reads itself (csrc/step_read_groups.cpp), each in the second of two groups.
 GROUP_VALUES = {
     "ints": dict(lr=1, momentum=1, weight_decay=0),
     "numpy scalars": dict(lr=np.float64(0.05), momentum=np.float32(0.8), weight_decay=np.float32(1e-3)),
@@ -276,7 +276,7 @@ def test_stochastic_rounding_keys_of_cpp_and_python_paths_agree(monkeypatch):
     for python_path in (False, True):
         with monkeypatch.context() as m:
             if python_path:
-                m.setattr(FusedNAG, "_step_plain", lambda self: False)
+                m.setattr(nag_cuda._step, "CPP_STEP", False)
             torch.manual_seed(0)
             params = [torch.nn.Parameter(torch.randn(37, dtype=torch.bfloat16)) for _ in seeds]
             start = [p.detach().clone() for p in params]
@@ -361,7 +361,7 @@ def test_bad_buffer_in_a_later_group_changes_nothing(c_path_only):
     opt.state[params[2]]["momentum_buffer"] = torch.zeros(7)
     before = [p.detach().clone() for p in params], [opt.state[p]["momentum_buffer"].clone() for p in params[:2]]
     versions = [p._version for p in params]
-    with pytest.raises(AssertionError, match="Python path"):  # the C++ path raised; the careful path would run
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] has shape \[7\]"):  # (the second call's first)
         opt.step()
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before[0], strict=True))
     assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(params[:2], before[1], strict=True))
@@ -373,7 +373,7 @@ def test_c_path_declines_what_python_handles():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     emb(torch.tensor([1, 2])).sum().backward()
     opt = FusedNAG(emb.parameters(), lr=0.1)
-    assert _C._step(opt.param_groups, opt.state, None, None) is False
+    assert _C._step(opt.param_groups, opt.state, None, None, None) is False
 
     class Sub(torch.Tensor):
         pass
@@ -381,5 +381,5 @@ def test_c_path_declines_what_python_handles():
     p = torch.nn.Parameter(torch.randn(5)).as_subclass(Sub)
     p.grad = torch.randn(5)
     group = {**FusedNAG([torch.randn(5)]).param_groups[0], "params": [p]}
-    assert _C._step([group], {}, None, None) is False
-    assert nag_cuda.optimizer._C is _C
+    assert _C._step([group], {}, None, None, None) is False
+    assert nag_cuda._step._C is _C

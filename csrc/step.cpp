@@ -1,0 +1,92 @@
+// nag_cuda._C._step: FusedNAG.step() for plain tensors, the stages of nag_cuda/_step.py.step in order (step.h), and
+// stage "commit". Also the module nag_cuda._C itself, whose import registers the ops (nag_ops.cpp).
+#include <Python.h>
+
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include "step.h"
+
+namespace nag::step {
+
+Keys keys;
+
+namespace {
+
+std::optional<at::Tensor> optional_tensor(PyObject* obj) {
+  if (obj == Py_None) return std::nullopt;
+  TORCH_CHECK(THPVariable_Check(obj), "nag_cuda._C._step: expected a tensor or None");
+  return THPVariable_Unpack(obj);
+}
+
+// Stage "commit" (_step.commit): new state into opt.state, once the kernels have written it. Python code runs here
+// (hashing a param, a dict's insert): what it uses is owned.
+void commit(PyObject* state, Plan& plan) {
+  for (NewState& s : plan.new_state) {
+    THPObjectPtr value(THPVariable_Wrap(std::move(s.value)));
+    if (!value) throw python_error();
+    THPObjectPtr st(Py_XNewRef(PyDict_GetItemWithError(state, s.param.get())));
+    if (!st) {
+      if (PyErr_Occurred()) throw python_error();
+      st = THPObjectPtr(PyDict_New());
+      if (!st || PyDict_SetItem(state, s.param.get(), st.get()) < 0) throw python_error();
+    }
+    if (PyDict_SetItem(st.get(), s.key, value.get()) < 0) throw python_error();
+  }
+}
+
+// _step(param_groups, state, grad_scale, found_inf, clip) -> False ("not mine", nothing changed), True (stepped),
+// or the norm (stepped with clip = (max_grad_norm, norm_type)). Raises, with nothing changed, on bad tensors, as the
+// op does; after the first op call has written, only for a failing kernel.
+PyObject* step(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *groups, *state, *grad_scale_obj, *found_inf_obj, *clip_obj;
+  if (!PyArg_ParseTuple(args, "OO!OOO", &groups, &PyDict_Type, &state, &grad_scale_obj, &found_inf_obj, &clip_obj)) {
+    return nullptr;
+  }
+  double max_norm = 0.0, norm_type = 2.0;
+  const bool clipped = clip_obj != Py_None;
+  if (clipped && !PyArg_ParseTuple(clip_obj, "dd", &max_norm, &norm_type)) return nullptr;
+  const std::optional<at::Tensor> grad_scale = optional_tensor(grad_scale_obj);
+  const std::optional<at::Tensor> found_inf = optional_tensor(found_inf_obj);
+
+  std::vector<GroupRead> reads;
+  if (!read_groups(groups, found_inf.has_value(), clipped, reads)) Py_RETURN_FALSE;
+  Plan plan;
+  if (!gather(state, reads, grad_scale, found_inf, clipped, plan)) Py_RETURN_FALSE;
+  const at::Tensor norm = clipped ? clip(plan, grad_scale, max_norm, norm_type) : at::Tensor();
+  check(plan);
+  run(plan);
+  commit(state, plan);
+  if (norm.defined()) return THPVariable_Wrap(norm);
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"_step", step, METH_VARARGS, "FusedNAG.step() for plain tensors: see csrc/step.h"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+}  // namespace nag::step
+
+// `import nag_cuda._C` loads this library, which registers the ops (nag_ops.cpp) and defines _step.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nag::step::methods};
+  nag::step::Keys& k = nag::step::keys;
+  const std::pair<PyObject**, const char*> names[] = {
+      {&k.params, "params"}, {&k.lr, "lr"}, {&k.momentum, "momentum"}, {&k.weight_decay, "weight_decay"},
+      {&k.maximize, "maximize"}, {&k.nesterov, "nesterov"}, {&k.dampening, "dampening"},
+      {&k.differentiable, "differentiable"}, {&k.capturable, "capturable"}, {&k.momentum_dtype, "momentum_dtype"},
+      {&k.master_weights, "master_weights"}, {&k.stochastic_rounding, "stochastic_rounding"},
+      {&k.sr_seed, "sr_seed"}, {&k.sr_step, "sr_step"}, {&k.momentum_buffer, "momentum_buffer"},
+      {&k.master_param, "master_param"}};
+  for (const auto& [key, name] : names) {
+    *key = PyUnicode_InternFromString(name);
+    if (*key == nullptr) return nullptr;
+  }
+  k.zero = PyLong_FromLong(0);
+  if (k.zero == nullptr) return nullptr;
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,242 @@
+// Stage "gather" (nag_cuda/_step.py: gather): each param that has a grad, with its state, into one op call per
+// (device, settings); new state allocated. No Python code runs here (see step.h), so the tensors are borrowed.
+#include <algorithm>
+#include <cstdint>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include "step.h"
+
+namespace nag::step {
+namespace {
+
+// opt.state[param] for the params in the order of the groups, without hashing them (Tensor.__hash__ is Python code):
+// the entries are walked in their insertion order with PyDict_Next, which is the order of the params wherever the
+// state was made by steps or by load_state_dict, and matched to each param by identity. Where that order breaks (a
+// param whose grad came late, params reordered), a table of the whole dict by identity serves the rest of the step.
+// Each entry is taken at most once, so a param listed twice is seen (duplicate()).
+class StateWalk {
+ public:
+  explicit StateWalk(PyObject* state) : state_(state) {}
+
+  // opt.state[param] (borrowed), or null if absent. duplicate() says whether it was taken already.
+  PyObject* find(PyObject* param) {
+    if (slots_.empty()) {
+      Py_ssize_t pos = pos_;
+      PyObject *key, *value;
+      if (!PyDict_Next(state_, &pos, &key, &value)) return nullptr;  // (every entry is an earlier param's)
+      if (key == param) {
+        pos_ = pos;
+        return value;
+      }
+      index_all();
+    }
+    for (size_t i = slot(param);; i = (i + 1) & mask_) {
+      Entry& e = slots_[i];
+      if (e.key == nullptr) return nullptr;
+      if (e.key == param) {
+        duplicate_ = e.taken;
+        e.taken = true;
+        return e.state;
+      }
+    }
+  }
+  // A param without a grad: passed over, and its entry with it where it is next.
+  void pass(PyObject* param) {
+    if (!slots_.empty()) return;
+    Py_ssize_t pos = pos_;
+    PyObject *key, *value;
+    if (PyDict_Next(state_, &pos, &key, &value) && key == param) pos_ = pos;
+  }
+  bool duplicate() const { return duplicate_; }
+
+ private:
+  struct Entry {
+    PyObject* key = nullptr;
+    PyObject* state = nullptr;
+    bool taken = false;
+  };
+  size_t slot(PyObject* key) const {  // (Fibonacci hashing of the address, whose low 4 bits are alignment)
+    return static_cast<size_t>((reinterpret_cast<uintptr_t>(key) >> 4) * 0x9E3779B97F4A7C15ull >> shift_);
+  }
+  // An open-addressing table of every entry, at most half full. The entries before the walk's position are taken
+  // (or passed over with their param, which has no grad and so is not looked for).
+  void index_all() {
+    int bits = 4;
+    while ((size_t{1} << bits) < 2 * static_cast<size_t>(PyDict_Size(state_))) ++bits;
+    slots_.assign(size_t{1} << bits, Entry());
+    mask_ = slots_.size() - 1;
+    shift_ = 64 - bits;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(state_, &pos, &key, &value)) {
+      size_t i = slot(key);
+      while (slots_[i].key != nullptr) i = (i + 1) & mask_;
+      slots_[i] = Entry{key, value, pos <= pos_};
+    }
+  }
+  PyObject* state_;
+  Py_ssize_t pos_ = 0;  // the walk's position
+  std::vector<Entry> slots_;
+  size_t mask_ = 0;
+  int shift_ = 0;
+  bool duplicate_ = false;
+};
+
+// state[key] of one param's state dict (borrowed), or null where absent; false (not mine) for a dict that is not a
+// plain dict of str keys. Read with PyDict_Next, whose identity compares run no Python code, as a lookup could.
+bool state_items(PyObject* st, PyObject*& buf, PyObject*& master) {
+  buf = master = nullptr;
+  if (st == nullptr) return true;
+  if (!PyDict_CheckExact(st)) return false;
+  Py_ssize_t pos = 0;
+  PyObject *key, *value;
+  while (PyDict_Next(st, &pos, &key, &value)) {
+    if (key == keys.momentum_buffer || key == keys.master_param) {
+      (key == keys.momentum_buffer ? buf : master) = value;
+    } else if (!PyUnicode_CheckExact(key)) {
+      return false;
+    } else if (PyUnicode_Compare(key, keys.momentum_buffer) == 0) {  // (an equal str that is not the interned one)
+      buf = value;
+    } else if (PyUnicode_Compare(key, keys.master_param) == 0) {
+      master = value;
+    }
+  }
+  return true;
+}
+
+// A state value as a tensor: false if it is there but not a plain tensor (a DTensor, a subclass, something else),
+// which the Python stages handle; else true, with `out` pointing to the tensor, or null if absent or None.
+bool state_tensor(PyObject* value, const at::Tensor*& out) {
+  out = nullptr;
+  if (value == nullptr || value == Py_None) return true;
+  if (!THPVariable_CheckExact(value)) return false;
+  out = &THPVariable_Unpack(value);
+  return true;
+}
+
+bool has_kernel(c10::Device device) {
+#ifdef NAG_WITH_CUDA
+  return device.is_cpu() || device.is_cuda();
+#else
+  return device.is_cpu();  // (others take the Python stages' reference implementation)
+#endif
+}
+
+// A tensor lr as the kernels read it (_step.device_lr): on the params' device, float32 or float64, not negated.
+at::Tensor device_lr(const at::Tensor& lr, c10::Device device) {
+  at::Tensor out = lr.device() == device ? lr : lr.to(device, /*non_blocking=*/true);
+  out = out.resolve_neg();
+  return out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble ? out : out.to(at::kDouble);
+}
+
+}  // namespace
+
+std::optional<at::Tensor> on(const std::optional<at::Tensor>& t, c10::Device device) {
+  if (!t.has_value() || t->device() == device) return t;
+  return t->to(device, /*non_blocking=*/true);
+}
+
+bool gather(PyObject* state, const std::vector<GroupRead>& reads, const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf, bool clipped, Plan& plan) {
+  StateWalk walk(state);
+  std::unordered_set<PyObject*> made;  // params given new state (a param listed twice would be given it twice)
+  std::unordered_map<int64_t, size_t> call_of;  // (settings, device) -> index in plan.calls
+  int64_t last_key = -1;
+  size_t last_call = 0;
+  for (const GroupRead& read : reads) {
+    PyObject* params = const_cast<PyObject*>(read.params.get());
+    const bool master = read.settings.master;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+      PyObject* obj = PyList_GET_ITEM(params, i);
+      if (!THPVariable_CheckExact(obj)) return false;
+      const at::Tensor& p = THPVariable_Unpack(obj);
+      // (read from the AutogradMeta, which autograd's own code does too: Tensor::grad() takes two calls to get there
+      // and asks whether p is a leaf, for a warning when it is not and has no grad, which the call below still gives)
+      const auto* meta = torch::autograd::impl::get_autograd_meta(p);
+      const at::Tensor& grad = meta != nullptr && meta->grad_.defined() ? meta->grad_ : p.grad();
+      if (!grad.defined()) {
+        walk.pass(obj);
+        continue;
+      }
+      if (grad.layout() != at::kStrided) return false;
+      const c10::Device device = p.device();
+      if (!has_kernel(device)) return false;
+      PyObject* st = walk.find(obj);
+      if (walk.duplicate()) return false;  // (the Python stages raise)
+      PyObject *buf_obj, *master_obj;
+      if (!state_items(st, buf_obj, master_obj)) return false;
+      const at::Tensor *buf, *master_param = nullptr;
+      if (!state_tensor(buf_obj, buf)) return false;
+      if (master && !state_tensor(master_obj, master_param)) return false;
+      // State made for the param's dtype and device of then, which has moved since: the Python stages convert it
+      // (_step.follow). (The buffer rule is _rules.buffer_dtype's.)
+      const at::ScalarType dtype = read.momentum_dtype.value_or(master ? at::kFloat : p.scalar_type());
+      if (buf != nullptr && (buf->scalar_type() != dtype || buf->device() != device)) return false;
+      if (master_param != nullptr && (master_param->scalar_type() != at::kFloat || master_param->device() != device)) {
+        return false;
+      }
+      const int64_t call_key = (static_cast<int64_t>(read.settings_index) << 16) |
+                               (static_cast<int64_t>(device.type()) << 8) | static_cast<uint8_t>(device.index());
+      if (call_key != last_key) {  // (most params of a group share the call of the param before)
+        auto [it, added] = call_of.try_emplace(call_key, plan.calls.size());
+        if (added) {
+          Call& call = plan.calls.emplace_back();
+          const Settings& s = read.settings;
+          call.device = device;
+          if (read.lr.has_value()) call.lr_tensor = device_lr(*read.lr, device);
+          call.lr = s.lr;
+          call.momentum = s.momentum;
+          call.weight_decay = s.weight_decay;
+          call.maximize = s.maximize;
+          call.sr_seed = s.sr_seed;
+          call.grad_scale = on(grad_scale, device);
+          call.found_inf = on(found_inf, device);
+          const size_t rest = PyList_GET_SIZE(params) - i;  // (room for the rest of the group: no regrowth)
+          for (Borrowed* list : {&call.params, &call.grads, &call.bufs}) list->reserve(rest);
+          if (master) call.masters.reserve(rest);
+          call.first.reserve(rest);
+        }
+        last_key = call_key;
+        last_call = it->second;
+      }
+      Call& call = plan.calls[last_call];
+      call.first.push_back(buf == nullptr && !read.may_skip);
+      if ((buf == nullptr || (master && master_param == nullptr)) && !made.insert(obj).second) return false;
+      if (buf == nullptr) {
+        at::Tensor value = at::empty_like(p, p.options().dtype(dtype), at::MemoryFormat::Preserve);
+        if (read.may_skip) {
+          value.fill_(p.is_complex() ? c10::Scalar(c10::complex<double>(-0.0, -0.0)) : c10::Scalar(-0.0));
+        }
+        plan.new_state.push_back({THPObjectPtr(Py_NewRef(obj)), keys.momentum_buffer, std::move(value)});
+        buf = &plan.new_state.back().value;  // (borrowed at once below, before new_state grows again)
+      }
+      call.params.add(p);
+      call.grads.add(grad);
+      call.bufs.add(*buf);
+      if (master) {
+        if (master_param == nullptr) {
+          at::Tensor value = p.detach().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true,
+                                           at::MemoryFormat::Preserve);
+          plan.new_state.push_back({THPObjectPtr(Py_NewRef(obj)), keys.master_param, std::move(value)});
+          master_param = &plan.new_state.back().value;
+        }
+        call.masters.add(*master_param);
+      }
+      call.numel += p.numel();
+      if (clipped) {
+        auto& by_device = plan.grads_by_device;
+        auto it = std::find_if(by_device.begin(), by_device.end(), [&](const auto& d) { return d.first == device; });
+        (it != by_device.end() ? it->second : by_device.emplace_back(device, Borrowed()).second).add(grad);
+      }
+    }
+  }
+  return true;
+}
+
+}  // namespace nag::step
