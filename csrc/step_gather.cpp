@@ -29,12 +29,13 @@ class StateWalk {
     if (slots_.empty()) {
       Py_ssize_t pos = pos_;
       PyObject *key, *value;
-      if (!PyDict_Next(state_, &pos, &key, &value)) return nullptr;  // (every entry is an earlier param's)
-      if (key == param) {
+      if (!PyDict_Next(state_, &pos, &key, &value)) {
+        if (pos_ == 0) return nullptr;  // (an empty dict)
+      } else if (key == param) {
         pos_ = pos;
         return value;
       }
-      index_all();
+      index_all();  // (also at the end of the entries: the param may be one listed twice, whose entry is taken)
     }
     for (size_t i = slot(param);; i = (i + 1) & mask_) {
       Entry& e = slots_[i];

@@ -144,7 +144,7 @@ def device_lr(lr, device):
 def gather(opt, reads, grad_scale, found_inf):
     """The op calls of the step, the new state (param, key, value) and, per group, its params with sparse grads."""
     state = opt.state
-    calls, new_state, sparse = {}, [], []
+    calls, new_state, sparse, seen = {}, [], [], set()
     for read in reads:
         group = read.group
         sparse_here = []
@@ -152,6 +152,10 @@ def gather(opt, reads, grad_scale, found_inf):
             grad = p.grad
             if grad is None:
                 continue
+            if id(p) in seen:  # (add_param_group refuses it; a list edited later can have it)
+                raise ValueError("FusedNAG: a parameter is listed twice in the param groups; the fused kernel would "
+                                 "update it in one pass, not twice as torch's for-loop does. List it once")
+            seen.add(id(p))
             st = state.get(p)
             buf = st.get("momentum_buffer") if st else None
             if grad.is_sparse:
