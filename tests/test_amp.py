@@ -8,6 +8,8 @@ from conftest import requires_cuda_kernel
 from nag_cuda import FusedNAG
 from nag_cuda._ops import ops
 
+pytestmark = pytest.mark.usefixtures("step_path")  # every test on both step paths (conftest.py)
+
 HYPER = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 

@@ -7,6 +7,8 @@ import torch
 from conftest import requires_cuda_kernel
 from nag_cuda import FusedNAG
 
+pytestmark = pytest.mark.usefixtures("step_path")  # every test on both step paths (conftest.py)
+
 KW = dict(momentum=0.9, weight_decay=1e-2)
 
 

@@ -13,6 +13,8 @@ from nag_cuda import FusedNAG
 from nag_cuda._ops import ops
 from test_parity import SHAPES, make_grads, make_params, sgd
 
+pytestmark = pytest.mark.usefixtures("step_path")  # every test on both step paths (conftest.py)
+
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
 STEPS = 5
 
@@ -191,7 +193,6 @@ def test_bad_input_fails_at_construction(kwargs, error, match):
         FusedNAG([torch.nn.Parameter(torch.ones(2))], lr=0.1, **kwargs)
 
 
-@pytest.mark.usefixtures("step_path")
 @pytest.mark.parametrize("attribute, value, error", [("max_grad_norm", -1.0, ValueError),
                                                      ("max_grad_norm", "1", TypeError),
                                                      ("norm_type", 0.0, ValueError)])

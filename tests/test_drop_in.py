@@ -15,6 +15,8 @@ from nag_cuda.reference import nag_step_reference
 from test_optimizer import assert_unchanged, params_on, snapshot
 from test_parity import assert_same_state, make_grads, sgd
 
+pytestmark = pytest.mark.usefixtures("step_path")  # every test on both step paths (conftest.py)
+
 op = torch.ops.nag_cuda.nag_step_.default
 
 

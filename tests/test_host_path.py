@@ -19,17 +19,20 @@ import nag_cuda.optimizer
 from nag_cuda import FusedNAG
 from nag_cuda._ops import _C
 
+pytestmark = pytest.mark.usefixtures("step_path")  # every test on both step paths (conftest.py)
+
 SHAPES = [(37,), (5, 9), (3, 4, 5)]  # above the SIMD width, with remainders
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
 
 
 @pytest.fixture
-def c_path_only(monkeypatch):
-    """The steps of the test must not be handed to the Python stages (nag_cuda/_step.py)."""
+def c_path_only(step_path, monkeypatch):
+    """On the C++ path, the steps of the test must not be handed to the Python stages (nag_cuda/_step.py)."""
     def refuse(*args, **kwargs):
         raise AssertionError("FusedNAG took the Python path")
 
-    monkeypatch.setattr(nag_cuda._step, "read_groups", refuse)
+    if step_path == "cpp":
+        monkeypatch.setattr(nag_cuda._step, "read_groups", refuse)
 
 
 def twins(shapes=SHAPES, **hyper):

@@ -10,6 +10,8 @@ import torch
 from nag_cuda import FusedNAG
 from test_parity import assert_same_state, make_grads, make_params, sgd
 
+pytestmark = pytest.mark.usefixtures("step_path")  # every test on both step paths (conftest.py)
+
 SHAPES = [(4099,), (33, 17), (5,)]
 HYPER = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 

@@ -6,6 +6,8 @@ import torch
 from conftest import LOW_PRECISION, low_precision_tol, requires_cuda_kernel
 from nag_cuda import FusedNAG
 
+pytestmark = pytest.mark.usefixtures("step_path")  # every test on both step paths (conftest.py)
+
 STEPS = 7
 # 0, 1, 0-dim, odd, above every SIMD width with a remainder, several kernel chunks (16384 elements) plus a tail.
 SHAPES = [(0,), (1,), (), (7,), (33, 17), (4099,), (3, 64, 65), (2 * 16384 + 5,)]

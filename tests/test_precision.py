@@ -11,6 +11,8 @@ from nag_cuda import FusedNAG
 from nag_cuda.reference import nag_step_reference
 from test_parity import SHAPES, STEPS, make_grads, make_params, sgd
 
+pytestmark = pytest.mark.usefixtures("step_path")  # every test on both step paths (conftest.py)
+
 HYPER = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
 # (param dtype, momentum_dtype): every pair with a buffer dtype other than the param's.
 MIXED = [(torch.float32, torch.bfloat16), (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
