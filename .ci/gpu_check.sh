@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU (the device tool's H100/H200):
-#   test:     CUDA build, the test suite on CUDA and CPU (the >2^31-element, CUDA-graph, AMP, no-sync and precision-mode
-#             tests included), and one small step under compute-sanitizer memcheck;
+#   test:     CUDA build, the test suite on CUDA and CPU, each step test on both step paths (the C++ stages and the
+#             Python ones; the >2^31-element, CUDA-graph, AMP, clipping, no-sync, hostile-input, fuzz and precision-mode
+#             tests included), and small steps of every mode, clipping and GradScaler, on both paths, under
+#             compute-sanitizer memcheck;
 #   bench:    the step benchmark in float32 and bfloat16 (each with FusedNAG's low-precision modes);
 #   evidence: benchmarks/precision_modes.py on CUDA.
 #   bash .ci/gpu_check.sh [all|test|bench|evidence]    (default all; each stage fits one 10-minute device call)
@@ -36,19 +38,32 @@ if [ "$stage" = all ] || [ "$stage" = test ]; then
   cat > "$step" <<'PY'
 import torch
 from nag_cuda import FusedNAG
+import nag_cuda._step
 torch.manual_seed(0)
 cases = [(dtype, {}) for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)]
 cases += [(torch.bfloat16, dict(master_weights=True)), (torch.bfloat16, dict(stochastic_rounding=True)),
           (torch.float16, dict(momentum_dtype=torch.float32)), (torch.float32, dict(momentum_dtype=torch.bfloat16))]
-for dtype, options in cases:
-    big = torch.randn(70001, device="cuda", dtype=dtype)
-    params = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for s in [(0,), (1,), (33, 17), (4099,)]]
-    params.append(big[1:].detach().requires_grad_())  # unaligned: the scalar path
-    opt = FusedNAG(params, lr=0.1, weight_decay=1e-2, **options)
-    for _ in range(3):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
+cases += [(dtype, dict(max_grad_norm=0.5, norm_type=p)) for dtype in (torch.float32, torch.bfloat16)
+          for p in (2.0, 1.0, float("inf"))]
+# Each case on both step paths (the C++ stages and the Python ones), in two param groups of other lrs (two op
+# calls), with and without GradScaler's tensors.
+for cpp in (True, False):
+    nag_cuda._step.CPP_STEP = cpp
+    for dtype, options in cases:
+        for scaled in (False, True):
+            big = torch.randn(70001, device="cuda", dtype=dtype)
+            params = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True)
+                      for s in [(0,), (1,), (33, 17), (4099,)]]
+            params.append(big[1:].detach().requires_grad_())  # unaligned: the scalar path
+            opt = FusedNAG([{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], lr=0.1, weight_decay=1e-2,
+                           **options)
+            if scaled:
+                opt.grad_scale = torch.full((), 4.0, device="cuda")
+                opt.found_inf = torch.zeros((), device="cuda")
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                opt.step()
 torch.cuda.synchronize()
 print("sanitize_step: done")
 PY

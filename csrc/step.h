@@ -111,7 +111,7 @@ extern Keys keys;
 
 // The stages. false: not mine, with nothing changed.
 bool read_groups(PyObject* groups, bool scaled, bool clipped, std::vector<GroupRead>& out);
-bool gather(PyObject* state, const std::vector<GroupRead>& reads, const std::optional<at::Tensor>& grad_scale,
+bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf, bool clipped, Plan& plan);
 at::Tensor clip(Plan& plan, const std::optional<at::Tensor>& grad_scale, double max_norm, double norm_type);
 void check(const Plan& plan);

@@ -143,15 +143,15 @@ std::optional<at::Tensor> on(const std::optional<at::Tensor>& t, c10::Device dev
   return t->to(device, /*non_blocking=*/true);
 }
 
-bool gather(PyObject* state, const std::vector<GroupRead>& reads, const std::optional<at::Tensor>& grad_scale,
+bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf, bool clipped, Plan& plan) {
   StateWalk walk(state);
   std::unordered_set<PyObject*> made;  // params given new state (a param listed twice would be given it twice)
   std::unordered_map<int64_t, size_t> call_of;  // (settings, device) -> index in plan.calls
   int64_t last_key = -1;
   size_t last_call = 0;
-  for (const GroupRead& read : reads) {
-    PyObject* params = const_cast<PyObject*>(read.params.get());
+  for (GroupRead& read : reads) {
+    PyObject* params = read.params.get();
     const bool master = read.settings.master;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
       PyObject* obj = PyList_GET_ITEM(params, i);
