@@ -19,10 +19,11 @@ std::optional<at::Tensor> optional_tensor(PyObject* obj) {
   return THPVariable_Unpack(obj);
 }
 
-// Stage "commit" (_step.commit): new state into opt.state, once the kernels have written it. Python code runs here
-// (hashing a param, a dict's insert): what it uses is owned.
-void commit(PyObject* state, Plan& plan) {
+// Stage "commit" (_step.commit): new state into opt.state, once the kernels have written it (that of the first `ran`
+// calls). Python code runs here (hashing a param, a dict's insert): what it uses is owned.
+void commit(PyObject* state, Plan& plan, size_t ran) {
   for (NewState& s : plan.new_state) {
+    if (s.call >= ran) continue;
     THPObjectPtr value(THPVariable_Wrap(std::move(s.value)));
     if (!value) throw python_error();
     THPObjectPtr st(Py_XNewRef(PyDict_GetItemWithError(state, s.param.get())));
@@ -56,8 +57,14 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
   if (!gather(state, reads, grad_scale, found_inf, clipped, plan)) Py_RETURN_FALSE;
   const at::Tensor norm = clipped ? clip(plan, grad_scale, max_norm, norm_type) : at::Tensor();
   check(plan);
-  run(plan);
-  commit(state, plan);
+  size_t ran = 0;
+  try {
+    run(plan, ran);
+  } catch (...) {
+    commit(state, plan, ran);  // (the state of the calls that ran, as _step.run commits it)
+    throw;
+  }
+  commit(state, plan, ran);
   if (norm.defined()) return THPVariable_Wrap(norm);
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS

@@ -64,7 +64,7 @@ struct Settings {
 
 // One param group as read_groups reads it (GroupRead): C++ values and owned references only.
 struct GroupRead {
-  THPObjectPtr params;  // its list of params
+  THPObjectPtr group;  // the group's dict, whose "params" gather reads (the list as it is after every conversion)
   Settings settings;
   long settings_index = 0;  // equal settings, equal index
   std::optional<at::Tensor> lr;  // a tensor lr
@@ -81,14 +81,20 @@ struct Call {
   bool maximize = false;
   std::optional<int64_t> sr_seed;
   std::optional<at::Tensor> grad_scale, found_inf, grad_coef;  // on `device`
+  std::optional<at::ScalarType> momentum_dtype;
+  bool master = false;  // master weights (masters)
   Borrowed params, grads, bufs, masters;
   c10::List<bool> first;
   int64_t numel = 0;
+  // The dtype of p's momentum buffer (the rule of _rules.buffer_dtype).
+  at::ScalarType buffer_dtype(const at::Tensor& p) const {
+    return momentum_dtype.value_or(master ? at::kFloat : p.scalar_type());
+  }
 };
 
-// State made by this step (a new momentum buffer or master copy, or state moved to its param): stored in opt.state
-// at commit.
+// State made by this step (a new momentum buffer or master copy): stored in opt.state at commit.
 struct NewState {
+  size_t call;  // of the op call that steps the param: committed once it has run
   THPObjectPtr param;
   PyObject* key;  // an interned string, kept for the life of the module
   at::Tensor value;
@@ -115,7 +121,7 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
             const std::optional<at::Tensor>& found_inf, bool clipped, Plan& plan);
 at::Tensor clip(Plan& plan, const std::optional<at::Tensor>& grad_scale, double max_norm, double norm_type);
 void check(const Plan& plan);
-void run(const Plan& plan);
+void run(const Plan& plan, size_t& ran);  // ran: the number of calls that have run
 
 // A scalar tensor on `device` (a no-op where it is there already).
 std::optional<at::Tensor> on(const std::optional<at::Tensor>& t, c10::Device device);

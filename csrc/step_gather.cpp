@@ -89,23 +89,24 @@ class StateWalk {
   bool duplicate_ = false;
 };
 
-// state[key] of one param's state dict (borrowed), or null where absent; false (not mine) for a dict that is not a
-// plain dict of str keys. Read with PyDict_Next, whose identity compares run no Python code, as a lookup could.
-bool state_items(PyObject* st, PyObject*& buf, PyObject*& master) {
-  buf = master = nullptr;
+// The momentum buffer and master of one param's state dict (borrowed), each null where absent; false (not mine) for a
+// dict that is not a plain dict of str keys. Read with PyDict_Next, whose identity compares run no Python code, as a
+// lookup could (a key's __eq__); it stops once it has found what the step needs (a buffer, or both).
+bool state_items(PyObject* st, bool master, PyObject*& buf, PyObject*& master_param) {
+  buf = master_param = nullptr;
   if (st == nullptr) return true;
   if (!PyDict_CheckExact(st)) return false;
   Py_ssize_t pos = 0;
   PyObject *key, *value;
-  while (PyDict_Next(st, &pos, &key, &value)) {
+  while ((buf == nullptr || (master && master_param == nullptr)) && PyDict_Next(st, &pos, &key, &value)) {
     if (key == keys.momentum_buffer || key == keys.master_param) {
-      (key == keys.momentum_buffer ? buf : master) = value;
+      (key == keys.momentum_buffer ? buf : master_param) = value;
     } else if (!PyUnicode_CheckExact(key)) {
       return false;
     } else if (PyUnicode_Compare(key, keys.momentum_buffer) == 0) {  // (an equal str that is not the interned one)
       buf = value;
     } else if (PyUnicode_Compare(key, keys.master_param) == 0) {
-      master = value;
+      master_param = value;
     }
   }
   return true;
@@ -136,6 +137,23 @@ at::Tensor device_lr(const at::Tensor& lr, c10::Device device) {
   return out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble ? out : out.to(at::kDouble);
 }
 
+// Whether each call's state was made for its param's dtype and device as they are: else the param has moved since
+// (model.double(), model.to(...)), and the Python stages convert its state (_step.follow). A loop of its own, after
+// gather's: short enough for the CPU to overlap the buffers' cache misses, which gather's long body would serialise.
+bool fits(const Plan& plan) {
+  for (const Call& c : plan.calls) {
+    const at::TensorList params = c.params.list(), bufs = c.bufs.list(), masters = c.masters.list();
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (i + 8 < params.size()) __builtin_prefetch(bufs[i + 8].unsafeGetTensorImpl());
+      if (bufs[i].scalar_type() != c.buffer_dtype(params[i]) || bufs[i].device() != c.device) return false;
+      if (c.master && (masters[i].scalar_type() != at::kFloat || masters[i].device() != c.device)) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 std::optional<at::Tensor> on(const std::optional<at::Tensor>& t, c10::Device device) {
@@ -151,7 +169,12 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
   int64_t last_key = -1;
   size_t last_call = 0;
   for (GroupRead& read : reads) {
-    PyObject* params = read.params.get();
+    // (read again: Python code that ran while the groups were read may have replaced it, as _step.gather sees)
+    PyObject* params = PyDict_GetItemWithError(read.group.get(), keys.params);
+    if (params == nullptr || !PyList_Check(params)) {
+      if (PyErr_Occurred()) throw python_error();
+      return false;
+    }
     const bool master = read.settings.master;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
       PyObject* obj = PyList_GET_ITEM(params, i);
@@ -171,17 +194,10 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
       PyObject* st = walk.find(obj);
       if (walk.duplicate()) return false;  // (the Python stages raise)
       PyObject *buf_obj, *master_obj;
-      if (!state_items(st, buf_obj, master_obj)) return false;
+      if (!state_items(st, master, buf_obj, master_obj)) return false;
       const at::Tensor *buf, *master_param = nullptr;
       if (!state_tensor(buf_obj, buf)) return false;
       if (master && !state_tensor(master_obj, master_param)) return false;
-      // State made for the param's dtype and device of then, which has moved since: the Python stages convert it
-      // (_step.follow). (The buffer rule is _rules.buffer_dtype's.)
-      const at::ScalarType dtype = read.momentum_dtype.value_or(master ? at::kFloat : p.scalar_type());
-      if (buf != nullptr && (buf->scalar_type() != dtype || buf->device() != device)) return false;
-      if (master_param != nullptr && (master_param->scalar_type() != at::kFloat || master_param->device() != device)) {
-        return false;
-      }
       const int64_t call_key = (static_cast<int64_t>(read.settings_index) << 16) |
                                (static_cast<int64_t>(device.type()) << 8) | static_cast<uint8_t>(device.index());
       if (call_key != last_key) {  // (most params of a group share the call of the param before)
@@ -196,6 +212,8 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
           call.weight_decay = s.weight_decay;
           call.maximize = s.maximize;
           call.sr_seed = s.sr_seed;
+          call.momentum_dtype = read.momentum_dtype;
+          call.master = master;
           call.grad_scale = on(grad_scale, device);
           call.found_inf = on(found_inf, device);
           const size_t rest = PyList_GET_SIZE(params) - i;  // (room for the rest of the group: no regrowth)
@@ -210,11 +228,12 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
       call.first.push_back(buf == nullptr && !read.may_skip);
       if ((buf == nullptr || (master && master_param == nullptr)) && !made.insert(obj).second) return false;
       if (buf == nullptr) {
+        const at::ScalarType dtype = call.buffer_dtype(p);
         at::Tensor value = at::empty_like(p, p.options().dtype(dtype), at::MemoryFormat::Preserve);
         if (read.may_skip) {
           value.fill_(p.is_complex() ? c10::Scalar(c10::complex<double>(-0.0, -0.0)) : c10::Scalar(-0.0));
         }
-        plan.new_state.push_back({THPObjectPtr(Py_NewRef(obj)), keys.momentum_buffer, std::move(value)});
+        plan.new_state.push_back({last_call, THPObjectPtr(Py_NewRef(obj)), keys.momentum_buffer, std::move(value)});
         buf = &plan.new_state.back().value;  // (borrowed at once below, before new_state grows again)
       }
       call.params.add(p);
@@ -224,7 +243,7 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
         if (master_param == nullptr) {
           at::Tensor value = p.detach().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true,
                                            at::MemoryFormat::Preserve);
-          plan.new_state.push_back({THPObjectPtr(Py_NewRef(obj)), keys.master_param, std::move(value)});
+          plan.new_state.push_back({last_call, THPObjectPtr(Py_NewRef(obj)), keys.master_param, std::move(value)});
           master_param = &plan.new_state.back().value;
         }
         call.masters.add(*master_param);
@@ -237,7 +256,7 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
       }
     }
   }
-  return true;
+  return fits(plan);
 }
 
 }  // namespace nag::step

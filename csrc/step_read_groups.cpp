@@ -79,7 +79,7 @@ bool read_group(PyObject* group, Py_ssize_t index, bool scaled, bool clipped, Gr
   }
   if (!PyList_Check(params)) return false;  // (torch makes it a list; user code may have replaced it)
   // Owned from here: the conversions below may run Python code that changes the group.
-  out.params = THPObjectPtr(Py_NewRef(params));
+  out.group = THPObjectPtr(Py_NewRef(group));
   const THPObjectPtr hold[] = {THPObjectPtr(Py_NewRef(lr)), THPObjectPtr(Py_NewRef(momentum)),
                                THPObjectPtr(Py_NewRef(weight_decay)), THPObjectPtr(Py_XNewRef(nesterov)),
                                THPObjectPtr(Py_XNewRef(dampening)), THPObjectPtr(Py_XNewRef(differentiable)),

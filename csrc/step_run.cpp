@@ -39,18 +39,22 @@ void call_op(const Call& c, const std::array<at::TensorList, 4>& lists) {
 }
 
 // The calls in order; after the first has written, a failure says that the step is incomplete (_step.run).
-void run_calls(const Plan& plan, const std::vector<std::array<at::TensorList, 4>>& lists) {
-  for (size_t i = 0; i < plan.calls.size(); ++i) {
-    if (i == 0) {
-      call_op(plan.calls[i], lists[i]);
+void run_calls(const Plan& plan, const std::vector<std::array<at::TensorList, 4>>& lists, size_t& ran) {
+  auto incomplete = [&](size_t i, const char* what) {
+    TORCH_CHECK(false, "FusedNAG: op call ", i + 1, " of ", plan.calls.size(), " of this step failed in its kernel, "
+                "after the calls before it had updated their params: this step is incomplete. ", what);
+  };
+  for (ran = 0; ran < plan.calls.size(); ++ran) {
+    if (ran == 0) {
+      call_op(plan.calls[ran], lists[ran]);
       continue;
     }
     try {
-      call_op(plan.calls[i], lists[i]);
+      call_op(plan.calls[ran], lists[ran]);
     } catch (const c10::Error& error) {
-      TORCH_CHECK(false, "FusedNAG: op call ", i + 1, " of ", plan.calls.size(), " of this step failed in its kernel, "
-                  "after the calls before it had updated their params: this step is incomplete. ",
-                  error.what_without_backtrace());
+      incomplete(ran, error.what_without_backtrace());
+    } catch (const std::exception& error) {  // (a Python kernel's, say)
+      incomplete(ran, error.what());
     }
   }
 }
@@ -84,7 +88,7 @@ void check(const Plan& plan) {
   }
 }
 
-void run(const Plan& plan) {
+void run(const Plan& plan, size_t& ran) {
   int64_t numel = 0;
   for (const Call& c : plan.calls) numel += c.numel;
   std::vector<std::array<at::TensorList, 4>> lists(plan.calls.size());
@@ -93,7 +97,7 @@ void run(const Plan& plan) {
       const Call& c = plan.calls[i];
       lists[i] = {c.params.list(), c.grads.list(), c.bufs.list(), c.masters.list()};
     }
-    run_calls(plan, lists);
+    run_calls(plan, lists, ran);
     return;
   }
   // Every call's tensors owned, before the GIL is released for the first call: while it is released, other threads
@@ -108,7 +112,7 @@ void run(const Plan& plan) {
     }
   }
   const NoGil no_gil;
-  run_calls(plan, lists);
+  run_calls(plan, lists, ran);
 }
 
 }  // namespace nag::step

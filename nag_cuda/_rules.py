@@ -44,7 +44,13 @@ def check_hyperparameters(lr, momentum, weight_decay, values: bool = True) -> No
                                  f"{tuple(value.shape)}")
         elif not isinstance(value, Real) and not hasattr(type(value), "__float__"):  # numpy's 0-d arrays have it
             raise TypeError(f"{name} must be a real number or a 1-element tensor, got {type(value).__name__}")
-    lr, momentum, weight_decay = (None if isinstance(v, torch.Tensor) and not values else v for _, v in hyper)
+
+    def comparable(value):  # (a number as float() makes it, which is what the step uses)
+        if isinstance(value, torch.Tensor):
+            return value if values else None
+        return value if type(value) is float or type(value) is int else float(value)
+
+    lr, momentum, weight_decay = (comparable(value) for _, value in hyper)
     if lr is not None and lr < 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
     if momentum is not None and momentum <= 0.0:

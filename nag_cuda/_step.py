@@ -46,12 +46,12 @@ def step(opt) -> None:
             commit_groups(opt, done if clip is not None else None, {})
             return
     reads = read_groups(opt, scaled=found_inf is not None, clipped=clip is not None)
-    calls, new_state, sparse = gather(opt, reads, grad_scale, found_inf)
+    calls, sparse = gather(opt, reads, grad_scale, found_inf)
     norm = clip_calls(opt, calls, grad_scale, clip) if clip is not None else None
     check(calls, sparse)
-    run(calls)
+    run(opt, calls)
     run_sparse(opt, sparse, grad_scale, found_inf)
-    commit(opt, new_state, sparse)
+    commit(opt, calls, sparse)
     commit_groups(opt, norm, {read.group_index: read.seed for read in reads if read.seed_drawn})
 
 
@@ -113,6 +113,7 @@ class Call:
         self.lr = device_lr(read.lr, device) if read.tensor_lr else read.lr
         self.hyper = read.hyper
         self.params, self.grads, self.bufs, self.first = [], [], [], []
+        self.new_state = []  # (param, key, value), committed once the call has run
         self.masters = [] if read.master else None
         self.kwargs = dict(grad_scale=on(device, grad_scale), found_inf=on(device, found_inf))
         if read.sr_seed is not None:
@@ -142,9 +143,9 @@ def device_lr(lr, device):
 
 
 def gather(opt, reads, grad_scale, found_inf):
-    """The op calls of the step, the new state (param, key, value) and, per group, its params with sparse grads."""
+    """The op calls of the step (each with its new state) and, per group, its params with sparse grads."""
     state = opt.state
-    calls, new_state, sparse, seen = {}, [], [], set()
+    calls, sparse, seen = {}, [], set()
     for read in reads:
         group = read.group
         sparse_here = []
@@ -161,8 +162,9 @@ def gather(opt, reads, grad_scale, found_inf):
             if grad.is_sparse:
                 sparse_here.append((p, grad, buf))
                 continue
+            made = []  # (p, key, value): this param's new state, which its call commits
             dtype = _rules.buffer_dtype(group, p.dtype)
-            buf = follow(p, "momentum_buffer", buf, dtype, new_state)
+            buf = follow(p, "momentum_buffer", buf, dtype, made)
             first = buf is None and not read.may_skip
             if buf is None:
                 if read.may_skip:
@@ -170,31 +172,32 @@ def gather(opt, reads, grad_scale, found_inf):
                                           memory_format=torch.preserve_format)
                 else:
                     buf = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                new_state.append((p, "momentum_buffer", buf))
+                made.append((p, "momentum_buffer", buf))
             master = None
             if read.master:
-                master = follow(p, "master_param", st.get("master_param") if st else None, torch.float32, new_state)
+                master = follow(p, "master_param", st.get("master_param") if st else None, torch.float32, made)
                 if master is None:
                     master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
-                    new_state.append((p, "master_param", master))
+                    made.append((p, "master_param", master))
             if type(p) not in PLAIN:
                 p, grad, buf, master = local(p, grad, buf, master)
             call = calls.get((p.device, read.settings))
             if call is None:
                 call = calls[p.device, read.settings] = Call(p.device, read, grad_scale, found_inf)
             call.add(p, grad, buf, first, master)
+            call.new_state += made
         if sparse_here:
             sparse.append((group, sparse_here))
-    return list(calls.values()), new_state, sparse
+    return list(calls.values()), sparse
 
 
-def follow(p, key, value, dtype, new_state):
+def follow(p, key, value, dtype, made):
     """State `value` of param p, moved to p's device and to `dtype` if p has moved since it was made (as
     load_state_dict casts state to its param); the moved copy becomes state at commit."""
     if value is None or (value.dtype == dtype and value.device == p.device):
         return value
     value = value.to(device=p.device, dtype=dtype)
-    new_state.append((p, key, value))
+    made.append((p, key, value))
     return value
 
 
@@ -274,7 +277,7 @@ def check(calls, sparse) -> None:
 
 # ---- run ----
 
-def run(calls) -> None:
+def run(opt, calls) -> None:
     for i, call in enumerate(calls):
         if i == 0 or torch.compiler.is_compiling():  # (nothing is written before the first call's kernels)
             call.fn(call.params, call.grads, call.bufs, call.first, call.lr, *call.hyper, **call.op_kwargs())
@@ -282,6 +285,7 @@ def run(calls) -> None:
         try:
             call.fn(call.params, call.grads, call.bufs, call.first, call.lr, *call.hyper, **call.op_kwargs())
         except Exception as error:
+            commit(opt, calls[:i], ())  # (the state of the calls that ran)
             raise RuntimeError(f"FusedNAG: op call {i + 1} of {len(calls)} of this step failed in its kernel, after "
                                f"the calls before it had updated their params: this step is incomplete") from error
 
@@ -310,10 +314,11 @@ def run_sparse(opt, sparse, grad_scale, found_inf) -> None:
 
 # ---- commit ----
 
-def commit(opt, new_state, sparse) -> None:
+def commit(opt, calls, sparse) -> None:
     """New state becomes state only once the kernels have written it (or, for a step that may be skipped, zeroed)."""
-    for p, key, value in new_state:
-        opt.state[p][key] = value
+    for call in calls:
+        for p, key, value in call.new_state:
+            opt.state[p][key] = value
     if sparse:  # later steps take the Python stages at once (only then: torch 2.11's dynamo refuses any attribute
         opt._sparse = True  # write on the optimizer it traces)
 
