@@ -1,5 +1,5 @@
 """FusedNAG with torch.distributed, 2 CPU processes over gloo (loopback): DDP, FSDP2 (DTensor params) and
-ZeroRedundancyOptimizer each match single-process training on the whole batch, and their state round-trips."""
+ZeroRedundancyOptimizer (with clipping too) each match single-process training on the whole batch, and their state round-trips."""
 import copy
 import datetime
 import gc
@@ -186,12 +186,35 @@ def check_zero(rank, data):
         assert torch.equal(p, q)
 
 
+def check_zero_clip(rank, data):
+    """max_grad_norm under ZeroRedundancyOptimizer: each rank's FusedNAG holds only its partition of the params, and
+    their norms are summed across the process group, so every rank clips by the norm of all the model's grads, as
+    single-process training does (on both step paths: the C++ one hands such a step to the Python stages)."""
+    import nag_cuda._step
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    for cpp in (True, False):
+        nag_cuda._step.CPP_STEP = cpp
+        model = torch.nn.parallel.DistributedDataParallel(make_model())
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedNAG, **HYPER, max_grad_norm=0.05)
+        assert opt.optim._zero_group is not None
+        single = make_model()
+        opt_single = FusedNAG(single.parameters(), **HYPER, max_grad_norm=0.05)
+        for x, y in data[:STEPS]:
+            train(model, opt, [(x, y)], rank)
+            train(single, opt_single, [(x, y)])
+            assert opt_single.last_grad_norm > 0.05  # clipped
+            torch.testing.assert_close(opt.optim.last_grad_norm, opt_single.last_grad_norm, rtol=1e-5, atol=0)
+        assert_close_to(model.parameters(), single)
+    nag_cuda._step.CPP_STEP = True
+
+
 def worker(rank, port, name):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
         checks = {"ddp": check_ddp, "fsdp2": check_fsdp2, "fsdp2-modes": check_fsdp2_modes,
-                  "fsdp2-clip": check_fsdp2_clip, "zero": check_zero}
+                  "fsdp2-clip": check_fsdp2_clip, "zero": check_zero, "zero-clip": check_zero_clip}
         checks[name](rank, batches())
         # DDP/FSDP objects sit in reference cycles: free them while their process group still exists (freed at
         # interpreter exit instead, gloo sometimes aborted with "terminate called without an active exception").
@@ -208,7 +231,7 @@ def free_port():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("name", ["ddp", "fsdp2", "fsdp2-modes", "fsdp2-clip", "zero"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "fsdp2-modes", "fsdp2-clip", "zero", "zero-clip"])
 def test_two_processes(name):
     mp.spawn(worker, args=(free_port(), name), nprocs=WORLD, join=True)
 
