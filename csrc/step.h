@@ -55,10 +55,12 @@ struct Settings {
   PyObject* lr_tensor = nullptr;  // a tensor lr, compared by identity (the kernel reads it); else `lr`
   double lr = 0.0, momentum = 0.0, weight_decay = 0.0;
   bool maximize = false, master = false;
+  std::optional<at::ScalarType> momentum_dtype;  // (it decides the call's new buffers: see Call::buffer_dtype)
   std::optional<int64_t> sr_seed;
   bool operator==(const Settings& o) const {
     return lr_tensor == o.lr_tensor && lr == o.lr && momentum == o.momentum && weight_decay == o.weight_decay &&
-           maximize == o.maximize && master == o.master && sr_seed == o.sr_seed;
+           maximize == o.maximize && master == o.master && momentum_dtype == o.momentum_dtype &&
+           sr_seed == o.sr_seed;
   }
 };
 
@@ -69,7 +71,6 @@ struct GroupRead {
   long settings_index = 0;  // equal settings, equal index
   std::optional<at::Tensor> lr;  // a tensor lr
   THPObjectPtr lr_object;        // (which settings.lr_tensor names)
-  std::optional<at::ScalarType> momentum_dtype;
   bool may_skip = false;  // the step may be skipped on the device or replayed: new buffers are -0.0, not first
 };
 

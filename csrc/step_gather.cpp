@@ -212,7 +212,7 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
           call.weight_decay = s.weight_decay;
           call.maximize = s.maximize;
           call.sr_seed = s.sr_seed;
-          call.momentum_dtype = read.momentum_dtype;
+          call.momentum_dtype = s.momentum_dtype;
           call.master = master;
           call.grad_scale = on(grad_scale, device);
           call.found_inf = on(found_inf, device);

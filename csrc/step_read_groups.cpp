@@ -16,7 +16,8 @@ struct SettingsHash {
   size_t operator()(const Settings& s) const {
     size_t h = std::hash<const void*>()(s.lr_tensor);
     for (double d : {s.lr, s.momentum, s.weight_decay}) h = h * 31 + std::hash<double>()(d == 0.0 ? 0.0 : d);
-    return h * 31 + (s.maximize ? 2 : 0) + (s.master ? 1 : 0) + std::hash<int64_t>()(s.sr_seed.value_or(-1));
+    h = h * 31 + (s.maximize ? 2 : 0) + (s.master ? 1 : 0) + static_cast<int>(s.momentum_dtype.value_or(at::kByte));
+    return h * 31 + std::hash<int64_t>()(s.sr_seed.value_or(-1));
   }
 };
 
@@ -121,9 +122,9 @@ bool read_group(PyObject* group, Py_ssize_t index, bool scaled, bool clipped, Gr
   s.master = master_t == 1;
   out.may_skip = scaled || clipped || capturable_t == 1;
   if (momentum_dtype != Py_None && !THPDtype_Check(momentum_dtype)) return false;
-  out.momentum_dtype = momentum_dtype == Py_None
-                           ? std::nullopt
-                           : std::optional(reinterpret_cast<THPDtype*>(momentum_dtype)->scalar_type);
+  s.momentum_dtype = momentum_dtype == Py_None
+                         ? std::nullopt
+                         : std::optional(reinterpret_cast<THPDtype*>(momentum_dtype)->scalar_type);
   if (stochastic_t == 1) {  // a different key for every step and group, hashed by the kernels (as GroupRead makes it)
     PyObject* seed = get(group, k.sr_seed);
     PyObject* step = get(group, k.sr_step);

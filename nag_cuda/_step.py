@@ -95,7 +95,8 @@ class GroupRead:
             # a different key for every step and group, hashed by the kernels
             self.sr_seed = (self.seed + group["sr_step"] * 0x9E3779B97F4A7C15
                             + group_index * 0xD1B54A32D192ED03) % 2**63
-        self.settings = (id(lr) if self.tensor_lr else self.lr, self.hyper, self.master, self.sr_seed)
+        self.settings = (id(lr) if self.tensor_lr else self.lr, self.hyper, self.master, group["momentum_dtype"],
+                         self.sr_seed)
 
 
 def read_groups(opt, scaled: bool, clipped: bool) -> list:
