@@ -1,5 +1,5 @@
-"""FusedNAG.step(), stated once, in the order it runs. This file is the specification of a step; csrc/step_*.cpp is a
-copy of it in C++ for plain tensors, stage for stage, which step() asks first (see route).
+"""FusedNAG.step(), stated once, in the order it runs. This file is the specification of a step; csrc/step*.cpp is a
+copy of it in C++ for plain tensors, stage for stage (csrc/step.h), which step() asks first (see route).
 
   read groups  every param group's settings as plain values, checked. float() and bool() of a value may run user
                code: this stage comes before anything is gathered, so nothing gathered can be dropped by it.
@@ -50,15 +50,16 @@ def step(opt) -> None:
     norm = clip_calls(opt, calls, grad_scale, clip) if clip is not None else None
     check(calls, sparse)
     run(opt, calls)
-    run_sparse(opt, sparse, grad_scale, found_inf)
     commit(opt, calls, sparse)
+    run_sparse(opt, sparse, grad_scale, found_inf)  # (torch's own SGD, which keeps its state in opt.state itself)
     commit_groups(opt, norm, {read.group_index: read.seed for read in reads if read.seed_drawn})
 
 
 def route(opt, clip) -> bool:
     """Whether the C++ step may take this step (it may still answer "not mine"). Not while torch.compile traces the
     step, under a torch function or dispatch mode (their Python code would run inside the C++ step), for a state
-    that is not a dict, or once a sparse gradient was met (the C++ step declines those)."""
+    that is not a dict, once a sparse gradient was met (the C++ step declines those), or for a clipped step under
+    ZeroRedundancyOptimizer (its norm is summed across ranks, see clip_calls)."""
     return (CPP_STEP and not torch.compiler.is_compiling() and not opt._sparse
             and type(opt.state) in (defaultdict, dict) and not torch._C._is_torch_function_mode_enabled()
             and torch._C._len_torch_dispatch_stack() == 0 and (clip is None or opt._zero_group is None))
