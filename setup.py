@@ -6,6 +6,8 @@ CUDA or CPU build is decided from torch and the toolkit, never from whether a GP
   unset             CUDA build when torch is a CUDA build and a toolkit of the same CUDA major version with its runtime
                     library is found (CUDA_HOME), else a CPU build, with the reason printed
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0+PTX": A100, H100, and PTX for newer GPUs).
+NAG_CUDA_SANITIZE=1 compiles and links with AddressSanitizer and UndefinedBehaviorSanitizer (CPU build only):
+                  .ci/sanitize.sh builds it out of place and runs the step-path tests under it.
 """
 
 import os
@@ -114,8 +116,21 @@ def extension():
     # -fvisibility-inlines-hidden: the inline torch accessors that gcc keeps out of line (TensorImpl::device(),
     # layout(), sizes()) are called directly rather than through the PLT: about 7% of a many-tensor step's host time.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility-inlines-hidden"]
-    common = dict(name="nag_cuda._C", include_dirs=[str(csrc.resolve())], extra_link_args=["-fopenmp"])
+    link = ["-fopenmp"]
+    sanitize = os.environ.get("NAG_CUDA_SANITIZE")
+    if sanitize not in (None, "", "0", "1"):
+        raise SystemExit(f"NAG_CUDA_SANITIZE must be 0 or 1, got {sanitize!r}")
+    if sanitize == "1":  # ASan + UBSan (.ci/sanitize.sh); any UB report aborts, as ASan's do. -fno-wrapv undoes
+        # Python's -fwrapv (in the flags setuptools passes first), which would make signed overflow defined and so
+        # switch UBSan's check of it off.
+        flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g",
+                 "-fno-wrapv"]
+        cxx, link = cxx + flags, link + flags
+    common = dict(name="nag_cuda._C", include_dirs=[str(csrc.resolve())], extra_link_args=link)
     cuda, why, library = cuda_build(CUDA_HOME, torch.version.cuda)
+    if cuda and sanitize == "1":
+        raise SystemExit(f"NAG_CUDA_SANITIZE=1 is for the CPU build only, but this is a CUDA build ({why}): "
+                         "add NAG_CUDA_BUILD=0")
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         print(f"nag_cuda: CUDA build ({why}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}, libcudart in {library})")

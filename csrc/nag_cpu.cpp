@@ -394,7 +394,7 @@ void run(const Group& group, const StepArgs& a) {
   const double lr = a.lr_tensor == nullptr ? a.lr
                     : a.lr_tensor_is_double ? *static_cast<const double*>(a.lr_tensor)
                                             : *static_cast<const float*>(a.lr_tensor);
-  const Hyper<M> h{M(lr), M(a.momentum), M(a.weight_decay), a.maximize};
+  const Hyper<M> h{M(lr), M(a.momentum), M(a.weight_decay), a.maximize, a.weight_decay != 0.0};
   LaunchTable table;
   for_each_table(group, a, table, [&](const LaunchTable& t, uint64_t launch_key) {
     const int64_t blocks = t.block_start[t.size];
@@ -402,7 +402,7 @@ void run(const Group& group, const StepArgs& a) {
     for (int s = 0; s < t.size; ++s) elements += t.numel[s];
     // Small launches run on the calling thread: waking the pool costs more than the work.
     const int64_t grain = elements <= at::internal::GRAIN_SIZE ? blocks : 1;
-    with_flag(h.weight_decay != M(0), [&](auto decay) {
+    with_flag(h.decay, [&](auto decay) {
       with_flag(torch_fuses_multiply_add(), [&](auto fused) {
         at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
           update_blocks<decltype(decay)::value, decltype(fused)::value, kMode, P, B, SP, SB>(

@@ -81,7 +81,7 @@ __device__ __forceinline__ void update_pack(const Slice<P, B>& s, int64_t i, con
     M bm = kFirst ? M(0) : to_math(bv.v[k]);
     // (clipped as clip_grad_norm_'s in-place multiply leaves the grad: rounded to its dtype)
     const M gm = kClip ? to_math(from_math<P>(clip(to_math(gv.v[k]), s.coef))) : to_math(gv.v[k]);
-    if (h.weight_decay != M(0)) {  // the same for every thread: no divergence
+    if (h.decay) {  // the same for every thread: no divergence
       nag_update<kFirst, true>(pm, gm, bm, h);
     } else {
       nag_update<kFirst, false>(pm, gm, bm, h);
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename P, typename B, Mode kMode>
 const char* launch(const LaunchTable& table, const StepArgs& a, uint64_t launch_key, cudaStream_t stream) {
   using M = typename Math<P>::type;
-  const Hyper<M> h{M(a.lr), M(a.momentum), M(a.weight_decay), a.maximize};
+  const Hyper<M> h{M(a.lr), M(a.momentum), M(a.weight_decay), a.maximize, a.weight_decay != 0.0};
   const unsigned blocks = static_cast<unsigned>(table.block_start[table.size]);
   auto go = [&](auto scaled, auto clipped) {
     nag_kernel<P, B, kMode, decltype(scaled)::value, decltype(clipped)::value><<<blocks, kThreads, 0, stream>>>(

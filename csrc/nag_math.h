@@ -74,6 +74,9 @@ struct Hyper {
   T momentum;
   T weight_decay;
   bool maximize;
+  // weight_decay != 0 as torch's SGD decides it, on the double: a decay too small for T is 0 there, and torch still
+  // adds 0 * p (which makes an inf param's step NaN and a -0.0 gradient +0.0)
+  bool decay;
 };
 
 // torch's add(..., alpha=a) rounds a * b + c once where its kernels fuse it: always on CUDA, and on CPU wherever
