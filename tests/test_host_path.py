@@ -262,7 +262,7 @@ def test_tensor_lr_is_not_read_on_the_host(c_path_only):
 
 
 def test_group_without_keys_that_torch_sgd_may_lack(c_path_only):
-    """nesterov, dampening and differentiable default as _check_group's group.get() defaults them."""
+    """nesterov, dampening and differentiable default as _rules.check_group's group.get() defaults them."""
     def drop_keys(step, params, opt):
         if step == 0 and isinstance(opt, FusedNAG):
             for key in ("nesterov", "dampening", "differentiable"):

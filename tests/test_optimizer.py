@@ -216,7 +216,7 @@ def test_sparse_gradient_with_weight_decay_changes_nothing():
 
 
 # Values that make a param group invalid after construction (e.g. a non-Nesterov SGD state dict, a typo), and the
-# error that _check_group raises for them at the step (the C++ step leaves such groups to it).
+# error that _rules.check_group raises for them at the step (the C++ step leaves such groups to it).
 BAD_GROUPS = {
     "nesterov=False": (dict(nesterov=False), ValueError, "nesterov=True"),
     "momentum=0": (dict(momentum=0.0), ValueError, "momentum"),
