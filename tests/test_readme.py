@@ -7,7 +7,7 @@ the line before its fence, by a marker:
 - `<!-- ci: python, own process -->`: the same, in a fresh Python process (for code with global state, such as a
   process group);
 - `<!-- ci: python, needs PKG -->`: in a fresh process, where PKG imports (CI's stage 2 installs Lightning,
-  transformers and accelerate), and skipped elsewhere;
+  transformers, accelerate and timm), and skipped elsewhere;
 - `<!-- ci: NAME -->` (README.md only, ```bash): `.ci/run` runs it as `readme_block NAME`;
 - `<!-- ci: skip: REASON -->`: not run, for the reason given.
 """
