@@ -2,6 +2,8 @@
 // stage "commit". Also the module nag_cuda._C itself, whose import registers the ops (nag_ops.cpp).
 #include <Python.h>
 
+#include <memory>
+
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -36,14 +38,36 @@ void commit(PyObject* state, Plan& plan, size_t ran) {
   }
 }
 
-// _step(param_groups, state, grad_scale, found_inf, clip) -> False ("not mine", nothing changed), True (stepped),
-// or the norm (stepped with clip = (max_grad_norm, norm_type)). Raises, with nothing changed, on bad tensors, as the
+constexpr const char* kCacheName = "nag_cuda._C.StateCache";
+
+// _state_cache() -> a new StateCache for one optimizer's steps (FusedNAG._state_cache), or None where gather cannot
+// use one (Python < 3.12).
+PyObject* state_cache(PyObject* /*module*/, PyObject* /*args*/) {
+  HANDLE_TH_ERRORS
+  if (!dict_watchers()) Py_RETURN_NONE;
+  auto cache = std::make_unique<StateCache>();
+  PyObject* capsule = PyCapsule_New(cache.get(), kCacheName, [](PyObject* capsule) {
+    delete static_cast<StateCache*>(PyCapsule_GetPointer(capsule, kCacheName));
+  });
+  if (capsule != nullptr) cache.release();
+  return capsule;
+  END_HANDLE_TH_ERRORS
+}
+
+// _step(param_groups, state, grad_scale, found_inf, clip, cache) -> False ("not mine", nothing changed), True
+// (stepped), or the norm (stepped with clip = (max_grad_norm, norm_type)). Raises, with nothing changed, on bad tensors, as the
 // op does; after the first op call has written, only for a failing kernel.
 PyObject* step(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *groups, *state, *grad_scale_obj, *found_inf_obj, *clip_obj;
-  if (!PyArg_ParseTuple(args, "OO!OOO", &groups, &PyDict_Type, &state, &grad_scale_obj, &found_inf_obj, &clip_obj)) {
+  PyObject *groups, *state, *grad_scale_obj, *found_inf_obj, *clip_obj, *cache_obj = Py_None;
+  if (!PyArg_ParseTuple(args, "OO!OOO|O", &groups, &PyDict_Type, &state, &grad_scale_obj, &found_inf_obj, &clip_obj,
+                        &cache_obj)) {
     return nullptr;
+  }
+  StateCache* cache = nullptr;  // (None: read all state)
+  if (cache_obj != Py_None) {
+    cache = static_cast<StateCache*>(PyCapsule_GetPointer(cache_obj, kCacheName));
+    if (cache == nullptr) return nullptr;
   }
   double max_norm = 0.0, norm_type = 2.0;
   const bool clipped = clip_obj != Py_None;
@@ -54,7 +78,7 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
   std::vector<GroupRead> reads;
   if (!read_groups(groups, found_inf.has_value(), clipped, reads)) Py_RETURN_FALSE;
   Plan plan;
-  if (!gather(state, reads, grad_scale, found_inf, clipped, plan)) Py_RETURN_FALSE;
+  if (!gather(state, cache, reads, grad_scale, found_inf, clipped, plan)) Py_RETURN_FALSE;
   const at::Tensor norm = clipped ? clip(plan, grad_scale, max_norm, norm_type) : at::Tensor();
   check(plan);
   size_t ran = 0;
@@ -72,6 +96,7 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"_step", step, METH_VARARGS, "FusedNAG.step() for plain tensors: see csrc/step.h"},
+    {"_state_cache", state_cache, METH_NOARGS, "A cache of one optimizer's state lookups for _step (or None)"},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -95,5 +120,6 @@ extern "C" PyObject* PyInit__C(void) {
   }
   k.zero = PyLong_FromLong(0);
   if (k.zero == nullptr) return nullptr;
+  nag::step::add_dict_watcher();
   return PyModule_Create(&module);
 }

@@ -116,10 +116,32 @@ struct Keys {
 };
 extern Keys keys;
 
+// What one optimizer's last gather found in opt.state, for each param of its groups in order (FusedNAG._state_cache,
+// a capsule): the next gather takes it instead of reading opt.state and the state dicts, where nothing can have
+// changed them. That needs dict watchers (PyDict_AddWatcher, Python >= 3.12): every dict it read from is watched, and
+// any event of any watched dict (an insert, a delete, a clear, a dealloc) ends every cache's validity. Where the params
+// are not the ones it lists, in the same places, gather starts again without it. So the objects it names are still
+// owned by opt.state whenever it is used. With Python 3.11 there is none (nullptr).
+struct StateCache {
+  struct Entry {
+    PyObject* param;
+    PyObject* buf;     // state[param]["momentum_buffer"], or null
+    PyObject* master;  // state[param]["master_param"], or null
+    bool master_known;  // (a lookup for a group without master weights stops at the buffer)
+  };
+  PyObject* state = nullptr;  // the opt.state it was read from: only compared, never read
+  uint64_t events = 0;        // the count of watched-dict events then
+  bool valid = false;
+  std::vector<Entry> entries;
+};
+void add_dict_watcher();  // at import
+bool dict_watchers();     // whether StateCaches are used (the watcher was added)
+
 // The stages. false: not mine, with nothing changed.
 bool read_groups(PyObject* groups, bool scaled, bool clipped, std::vector<GroupRead>& out);
-bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<at::Tensor>& grad_scale,
-            const std::optional<at::Tensor>& found_inf, bool clipped, Plan& plan);
+bool gather(PyObject* state, StateCache* cache, std::vector<GroupRead>& reads,
+            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool clipped,
+            Plan& plan);
 at::Tensor clip(Plan& plan, const std::optional<at::Tensor>& grad_scale, double max_norm, double norm_type);
 void check(const Plan& plan);
 void run(const Plan& plan, size_t& ran);  // ran: the number of calls that have run

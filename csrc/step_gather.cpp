@@ -122,6 +122,98 @@ bool state_tensor(PyObject* value, const at::Tensor*& out) {
   return true;
 }
 
+// ---- where gather finds each param's state: read (ReadState) or as the last gather read it (CachedState) ----
+
+#if PY_VERSION_HEX >= 0x030C0000 && !defined(Py_GIL_DISABLED)
+int watcher = -1;  // the dict watcher of every StateCache (-1: none)
+uint64_t events = 0;  // the count of events of the dicts it watches, since import
+
+int count_event(PyDict_WatchEvent, PyObject*, PyObject*, PyObject*) {
+  ++events;
+  return 0;
+}
+#else
+constexpr int watcher = -1;
+constexpr uint64_t events = 0;
+#endif
+
+// Watches a dict gather has read (null: none), for StateCache; false if it cannot be watched.
+bool watch(PyObject* dict) {
+#if PY_VERSION_HEX >= 0x030C0000 && !defined(Py_GIL_DISABLED)
+  if (dict == nullptr || PyDict_Watch(watcher, dict) == 0) return true;
+  PyErr_Clear();
+#endif
+  return false;
+}
+
+// opt.state and the state dicts, read at this step; and, where a cache is given, what was found there written into
+// it, for the next step, with every dict read watched.
+class ReadState {
+ public:
+  ReadState(PyObject* state, StateCache* cache) : state_(state), walk_(state), cache_(cache) {
+    if (cache_ == nullptr) return;
+    cache_->valid = false;
+    cache_->entries.clear();
+    complete_ = watch(state);
+  }
+  bool next(PyObject* /*param*/, bool /*master*/) { return true; }
+  // A param without a grad. Recorded too (its grad may come at a later step): a state that the step would not have
+  // read, and found wrong, leaves the cache incomplete, not the step refused.
+  void pass(PyObject* param) {
+    if (cache_ == nullptr) return walk_.pass(param);
+    PyObject* st = walk_.find(param);
+    PyObject *buf, *master;
+    complete_ = complete_ && !walk_.duplicate() && state_items(st, true, buf, master) && watch(st);
+    if (complete_) cache_->entries.push_back({param, buf, master, true});
+  }
+  // A param with a grad: its buffer and (master) master weights. False: not mine.
+  bool find(PyObject* param, bool master, PyObject*& buf, PyObject*& master_param) {
+    PyObject* st = walk_.find(param);
+    if (walk_.duplicate() || !state_items(st, master, buf, master_param)) return false;
+    if (cache_ != nullptr) {
+      complete_ = complete_ && watch(st);
+      if (complete_) cache_->entries.push_back({param, buf, master_param, master});
+    }
+    return true;
+  }
+  // The gather planned the step: the cache holds for opt.state as it is now, until the next event.
+  void planned() {
+    if (cache_ == nullptr || !complete_) return;
+    cache_->state = state_;
+    cache_->events = events;
+    cache_->valid = true;
+  }
+
+ private:
+  PyObject* state_;
+  StateWalk walk_;
+  StateCache* cache_;
+  bool complete_ = false;
+};
+
+// The state as the last gather read it (StateCache), while no watched dict has changed since: each param is looked
+// for in its place in the cache's list. Objects named there are owned by opt.state (see StateCache).
+class CachedState {
+ public:
+  explicit CachedState(const StateCache& cache) : entries_(cache.entries) {}
+  // False: the param is not the one the cache lists here (the groups' lists changed), or its entry lacks the master.
+  bool next(PyObject* param, bool master) {
+    if (i_ == entries_.size() || entries_[i_].param != param || (master && !entries_[i_].master_known)) return false;
+    ++i_;
+    return true;
+  }
+  void pass(PyObject* /*param*/) {}
+  bool find(PyObject* /*param*/, bool /*master*/, PyObject*& buf, PyObject*& master_param) {
+    buf = entries_[i_ - 1].buf;
+    master_param = entries_[i_ - 1].master;
+    return true;
+  }
+
+ private:
+  const std::vector<StateCache::Entry>& entries_;
+  size_t i_ = 0;
+};
+
 bool has_kernel(c10::Device device) {
 #ifdef NAG_WITH_CUDA
   return device.is_cpu() || device.is_cuda();
@@ -161,9 +253,14 @@ std::optional<at::Tensor> on(const std::optional<at::Tensor>& t, c10::Device dev
   return t->to(device, /*non_blocking=*/true);
 }
 
-bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<at::Tensor>& grad_scale,
-            const std::optional<at::Tensor>& found_inf, bool clipped, Plan& plan) {
-  StateWalk walk(state);
+namespace {
+
+enum class Gathered { kNotMine, kPlanned, kNotCached };  // kNotCached: a param is not where the cache lists it
+
+template <class State>
+Gathered gather_from(State& source, std::vector<GroupRead>& reads, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf, bool clipped, Plan& plan) {
+  constexpr Gathered not_mine = Gathered::kNotMine;
   std::unordered_set<PyObject*> made;  // params given new state (a param listed twice would be given it twice)
   std::unordered_map<int64_t, size_t> call_of;  // (settings, device) -> index in plan.calls
   int64_t last_key = -1;
@@ -173,31 +270,30 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
     PyObject* params = PyDict_GetItemWithError(read.group.get(), keys.params);
     if (params == nullptr || !PyList_Check(params)) {
       if (PyErr_Occurred()) throw python_error();
-      return false;
+      return not_mine;
     }
     const bool master = read.settings.master;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
       PyObject* obj = PyList_GET_ITEM(params, i);
-      if (!THPVariable_CheckExact(obj)) return false;
+      if (!source.next(obj, master)) return Gathered::kNotCached;
+      if (!THPVariable_CheckExact(obj)) return not_mine;
       const at::Tensor& p = THPVariable_Unpack(obj);
       // (read from the AutogradMeta, which autograd's own code does too: Tensor::grad() takes two calls to get there
       // and asks whether p is a leaf, for a warning when it is not and has no grad, which the call below still gives)
       const auto* meta = torch::autograd::impl::get_autograd_meta(p);
       const at::Tensor& grad = meta != nullptr && meta->grad_.defined() ? meta->grad_ : p.grad();
       if (!grad.defined()) {
-        walk.pass(obj);
+        source.pass(obj);
         continue;
       }
-      if (grad.layout() != at::kStrided) return false;
+      if (grad.layout() != at::kStrided) return not_mine;
       const c10::Device device = p.device();
-      if (!has_kernel(device)) return false;
-      PyObject* st = walk.find(obj);
-      if (walk.duplicate()) return false;  // (the Python stages raise)
+      if (!has_kernel(device)) return not_mine;
       PyObject *buf_obj, *master_obj;
-      if (!state_items(st, master, buf_obj, master_obj)) return false;
+      if (!source.find(obj, master, buf_obj, master_obj)) return not_mine;  // (a param listed twice: Python raises)
       const at::Tensor *buf, *master_param = nullptr;
-      if (!state_tensor(buf_obj, buf)) return false;
-      if (master && !state_tensor(master_obj, master_param)) return false;
+      if (!state_tensor(buf_obj, buf)) return not_mine;
+      if (master && !state_tensor(master_obj, master_param)) return not_mine;
       const int64_t call_key = (static_cast<int64_t>(read.settings_index) << 16) |
                                (static_cast<int64_t>(device.type()) << 8) | static_cast<uint8_t>(device.index());
       if (call_key != last_key) {  // (most params of a group share the call of the param before)
@@ -226,7 +322,7 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
       }
       Call& call = plan.calls[last_call];
       call.first.push_back(buf == nullptr && !read.may_skip);
-      if ((buf == nullptr || (master && master_param == nullptr)) && !made.insert(obj).second) return false;
+      if ((buf == nullptr || (master && master_param == nullptr)) && !made.insert(obj).second) return not_mine;
       if (buf == nullptr) {
         const at::ScalarType dtype = call.buffer_dtype(p);
         at::Tensor value = at::empty_like(p, p.options().dtype(dtype), at::MemoryFormat::Preserve);
@@ -256,7 +352,33 @@ bool gather(PyObject* state, std::vector<GroupRead>& reads, const std::optional<
       }
     }
   }
-  return fits(plan);
+  return fits(plan) ? Gathered::kPlanned : not_mine;
+}
+
+}  // namespace
+
+bool gather(PyObject* state, StateCache* cache, std::vector<GroupRead>& reads,
+            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool clipped,
+            Plan& plan) {
+  if (cache != nullptr && cache->valid && cache->state == state && cache->events == events) {
+    CachedState source(*cache);
+    const Gathered gathered = gather_from(source, reads, grad_scale, found_inf, clipped, plan);
+    if (gathered != Gathered::kNotCached) return gathered == Gathered::kPlanned;
+    plan = Plan();  // (and read it all again: what the cache lists before this param may be listed again after it)
+  }
+  ReadState source(state, watcher >= 0 ? cache : nullptr);
+  const Gathered gathered = gather_from(source, reads, grad_scale, found_inf, clipped, plan);
+  if (gathered == Gathered::kPlanned) source.planned();
+  return gathered == Gathered::kPlanned;
+}
+
+bool dict_watchers() { return watcher >= 0; }
+
+void add_dict_watcher() {
+#if PY_VERSION_HEX >= 0x030C0000 && !defined(Py_GIL_DISABLED)
+  watcher = PyDict_AddWatcher(count_event);
+  if (watcher < 0) PyErr_Clear();  // (all taken: no caches)
+#endif
 }
 
 }  // namespace nag::step

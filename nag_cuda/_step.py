@@ -41,7 +41,7 @@ def step(opt) -> None:
     grad_scale, found_inf = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
     clip = clip_settings(opt)
     if route(opt, clip):
-        done = _C._step(opt.param_groups, opt.state, grad_scale, found_inf, clip)
+        done = _C._step(opt.param_groups, opt.state, grad_scale, found_inf, clip, opt._state_cache)
         if done is not False:  # (False: "not mine", with nothing changed)
             commit_groups(opt, done if clip is not None else None, {})
             return

@@ -6,6 +6,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _rules, _step
+from ._ops import _C
 from ._step import DTensor
 
 __all__ = ["FusedNAG"]
@@ -142,6 +143,8 @@ class FusedNAG(Optimizer):
         # Clipping is one setting of the optimizer, not of a param group: the norm is global, as clip_grad_norm_'s.
         self.max_grad_norm, self.norm_type = max_grad_norm, norm_type
         self._clipped = {}  # "norm": the last step's norm (a dict, which torch.compile lets a traced step update)
+        # what the C++ step last found in self.state, while no dict it read has changed (Python >= 3.12; csrc/step.h)
+        self._state_cache = _C._state_cache()
         super().__init__(params, defaults)
 
     def __getstate__(self):
@@ -154,6 +157,7 @@ class FusedNAG(Optimizer):
         self.__dict__.setdefault("norm_type", 2.0)
         self.__dict__.setdefault("_zero_group", None)
         self._clipped = {}
+        self._state_cache = _C._state_cache()
         for group in self.param_groups:
             for key, value in _rules.LATER_DEFAULTS.items():
                 group.setdefault(key, value)
