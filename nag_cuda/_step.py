@@ -87,7 +87,8 @@ class GroupRead:
         self.hyper = (float(group["momentum"]), float(group["weight_decay"]), bool(group["maximize"]))
         self.master = bool(group["master_weights"])
         # GradScaler or a non-finite grad norm may skip the step on the device, which the host does not know without
-        # a sync; a capturable step may be replayed (see the module's docstring)
+        # a sync; a capturable step may be replayed (see the module's docstring). bool(), not `not`, `==` or `is`:
+        # torch >= 2.15's dynamo gives a traced group's "capturable" as an object that only bool() and `if` read
         self.may_skip = scaled or clipped or bool(group["capturable"])
         self.seed, self.seed_drawn, self.sr_seed = group["sr_seed"], False, None
         if group["stochastic_rounding"]:
