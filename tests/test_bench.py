@@ -93,3 +93,12 @@ def test_bench_clip_quick_runs_and_writes_results(tmp_path):
         "clip_grad_norm_ + torch foreach": 32}
     assert all(r["ms"] > 0 for r in entry["methods"].values())
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md"}
+
+
+def test_stable_call_cost_runs():
+    # (builds a small stable-ABI op at run time with the compiler torch.utils.cpp_extension finds)
+    import stable_call_cost
+
+    results = stable_call_cost.main(["--counts", "20", "--rounds", "1", "--steps", "1"])
+    assert set(results[20]) == {"stable, lists only", "stable op", "nag_step_ op", "FusedNAG.step()", "torch fused"}
+    assert all(us > 0 for us in results[20].values())
