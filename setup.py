@@ -144,5 +144,18 @@ def extension():
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
 
 
+# Beside the built library: the torch it was built against (torch.__version__ and torch.version.git_version, a line
+# each), which nag_cuda reads before it loads the library (nag_cuda/_ops.py), since the library is tied to that torch.
+TORCH_STAMP = "_C.torch-version"
+
+
+class BuildWithStamp(BuildExtension):
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            stamp = Path(self.get_ext_fullpath(ext.name)).with_name(TORCH_STAMP)
+            stamp.write_text(f"{torch.__version__}\n{torch.version.git_version}\n")
+
+
 if __name__ == "__main__":  # (pip runs this file as __main__; tests import its helpers)
-    setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
+    setup(ext_modules=[extension()], cmdclass={"build_ext": BuildWithStamp})

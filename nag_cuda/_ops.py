@@ -3,17 +3,44 @@
 import importlib.util
 import warnings
 from importlib import metadata
+from pathlib import Path
 
 import torch
+
+TORCH_STAMP = "_C.torch-version"  # (written beside the library by setup.py)
+
+
+def built_for(library: Path) -> tuple[str, str] | None:
+    """The torch (version, git version) that the compiled library at `library` was built against, or None where the
+    build did not record it."""
+    stamp = library.with_name(TORCH_STAMP)
+    if not stamp.is_file():
+        return None
+    version, _, git_version = stamp.read_text().partition("\n")
+    return version, git_version.strip()
+
+
+def check_built_for(library: Path) -> None:
+    """ImportError, before the library is loaded, where it was built against another torch than the one running: it
+    is linked to that torch's C++ symbols, so it would fail to load (`undefined symbol`) or call code that changed."""
+    built = built_for(library)
+    running = (torch.__version__, str(torch.version.git_version))
+    if built is not None and built != running:
+        raise ImportError(
+            f"nag_cuda's compiled extension ({library.name}) was built against torch {built[0]} (git {built[1][:12]}), "
+            f"but torch {running[0]} (git {running[1][:12]}) is running, and the extension works only with the torch "
+            "it was built against. Rebuild it against this torch: `pip install --no-build-isolation "
+            "--force-reinstall --no-deps <nag_cuda source folder>`, or install the torch it was built for."
+        )
 
 
 def _load_extension():
     """The compiled module nag_cuda._C; importing it registers torch.ops.nag_cuda."""
-    try:
+    spec = importlib.util.find_spec("._C", __package__)
+    if spec is not None and spec.origin is not None:
+        check_built_for(Path(spec.origin))
         from . import _C
         return _C
-    except ImportError:
-        pass
     # Imported from the source checkout (e.g. `python -c ...` in its root): the compiled library is in the installed
     # distribution, not in this folder. Look through every distribution of that name, since the checkout's own
     # nag_cuda.egg-info is found first and lists no library.
@@ -24,7 +51,9 @@ def _load_extension():
             "nag_cuda's compiled extension (nag_cuda._C) is missing: install the package with "
             "`pip install --no-build-isolation .`"
         )
-    spec = importlib.util.spec_from_file_location("nag_cuda._C", libraries[0].locate())
+    library = Path(libraries[0].locate())
+    check_built_for(library)
+    spec = importlib.util.spec_from_file_location("nag_cuda._C", library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

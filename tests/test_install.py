@@ -94,3 +94,42 @@ def test_no_cuda_build_says_why_and_forced_fails_with_it(setup_py, tmp_path, mon
     monkeypatch.setenv("NAG_CUDA_BUILD", "1")
     with pytest.raises(SystemExit, match=says):
         setup_py["cuda_build"](None if home is None else str(home), torch_cuda)
+
+
+# ---- the library is tied to the torch it was built against (setup.py records it; nag_cuda/_ops.py checks it) ----
+
+def test_the_library_records_the_torch_it_was_built_against():
+    import torch
+
+    from nag_cuda import _ops
+
+    assert _ops.built_for(Path(_ops._C.__file__)) == (torch.__version__, str(torch.version.git_version))
+
+
+def test_a_library_built_for_another_torch_is_refused_before_it_loads(tmp_path):
+    # A copy of the package whose stamp names another torch: importing it gives the message, not the loader's error,
+    # and the library is not loaded (its ops are not registered).
+    import shutil
+
+    from nag_cuda import _ops
+
+    package = tmp_path / "nag_cuda"
+    shutil.copytree(ROOT / "nag_cuda", package, ignore=shutil.ignore_patterns("__pycache__", "*.so", "_C.*"))
+    library = Path(_ops._C.__file__)
+    shutil.copy(library, package / library.name)
+    (package / _ops.TORCH_STAMP).write_text("2.0.0+cpu\n0123456789abcdef\n")
+    code = ("import torch\ntry:\n    import nag_cuda\nexcept ImportError as e:\n    print('refused:', e)\n"
+            "print('ops loaded:', hasattr(torch.ops.nag_cuda, 'nag_step_'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "refused: nag_cuda's compiled extension" in out.stdout
+    assert "built against torch 2.0.0+cpu (git 0123456789ab), but torch" in out.stdout
+    assert "pip install --no-build-isolation" in out.stdout
+    assert "ops loaded: False" in out.stdout
+
+
+def test_a_library_without_a_stamp_loads_as_before(tmp_path):
+    from nag_cuda import _ops
+
+    assert _ops.built_for(tmp_path / "_C.so") is None
+    _ops.check_built_for(tmp_path / "_C.so")  # (no error)
