@@ -146,15 +146,22 @@ def extension():
 
 # Beside the built library: the torch it was built against (torch.__version__ and torch.version.git_version, a line
 # each), which nag_cuda reads before it loads the library (nag_cuda/_ops.py), since the library is tied to that torch.
-TORCH_STAMP = "_C.torch-version"
+# Named after the library (which names the Python it is for), so builds for two Pythons in one folder keep their own.
+def torch_stamp(library: Path) -> Path:
+    return library.with_name(library.name + ".torch-version")
 
 
 class BuildWithStamp(BuildExtension):
     def run(self):
+        built_for = f"{torch.__version__}\n{torch.version.git_version}\n"
+        stamps = [torch_stamp(Path(self.get_ext_fullpath(ext.name))) for ext in self.extensions]
+        # A library left by a build against another torch is compiled again (without ninja, setuptools would keep it:
+        # torch's headers are not among its dependencies).
+        if any(not s.is_file() or s.read_text() != built_for for s in stamps):
+            self.force = True
         super().run()
-        for ext in self.extensions:
-            stamp = Path(self.get_ext_fullpath(ext.name)).with_name(TORCH_STAMP)
-            stamp.write_text(f"{torch.__version__}\n{torch.version.git_version}\n")
+        for stamp in stamps:
+            stamp.write_text(built_for)
 
 
 if __name__ == "__main__":  # (pip runs this file as __main__; tests import its helpers)

@@ -115,7 +115,15 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return measure(args)
+    finally:
+        torch.set_num_threads(threads)  # (the test suite calls main())
+
+
+def measure(args):
     probe = build()
     print(f"torch {torch.__version__}, one thread, µs per tensor (best of {args.rounds} rounds of {args.steps} calls)")
     results = {}

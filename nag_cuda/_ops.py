@@ -7,13 +7,12 @@ from pathlib import Path
 
 import torch
 
-TORCH_STAMP = "_C.torch-version"  # (written beside the library by setup.py)
 
 
 def built_for(library: Path) -> tuple[str, str] | None:
     """The torch (version, git version) that the compiled library at `library` was built against, or None where the
     build did not record it."""
-    stamp = library.with_name(TORCH_STAMP)
+    stamp = library.with_name(library.name + ".torch-version")  # (written beside it by setup.py)
     if not stamp.is_file():
         return None
     version, _, git_version = stamp.read_text().partition("\n")
@@ -27,7 +26,7 @@ def check_built_for(library: Path) -> None:
     running = (torch.__version__, str(torch.version.git_version))
     if built is not None and built != running:
         raise ImportError(
-            f"nag_cuda's compiled extension ({library.name}) was built against torch {built[0]} (git {built[1][:12]}), "
+            f"nag_cuda's compiled extension ({library}) was built against torch {built[0]} (git {built[1][:12]}), "
             f"but torch {running[0]} (git {running[1][:12]}) is running, and the extension works only with the torch "
             "it was built against. Rebuild it against this torch: `pip install --no-build-isolation "
             "--force-reinstall --no-deps <nag_cuda source folder>`, or install the torch it was built for."

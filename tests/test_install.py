@@ -114,10 +114,10 @@ def test_a_library_built_for_another_torch_is_refused_before_it_loads(tmp_path):
     from nag_cuda import _ops
 
     package = tmp_path / "nag_cuda"
-    shutil.copytree(ROOT / "nag_cuda", package, ignore=shutil.ignore_patterns("__pycache__", "*.so", "_C.*"))
+    shutil.copytree(ROOT / "nag_cuda", package, ignore=shutil.ignore_patterns("__pycache__", "_C.*"))
     library = Path(_ops._C.__file__)
     shutil.copy(library, package / library.name)
-    (package / _ops.TORCH_STAMP).write_text("2.0.0+cpu\n0123456789abcdef\n")
+    (package / (library.name + ".torch-version")).write_text("2.0.0+cpu\n0123456789abcdef\n")
     code = ("import torch\ntry:\n    import nag_cuda\nexcept ImportError as e:\n    print('refused:', e)\n"
             "print('ops loaded:', hasattr(torch.ops.nag_cuda, 'nag_step_'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
