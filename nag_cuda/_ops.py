@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 
-
 def built_for(library: Path) -> tuple[str, str] | None:
     """The torch (version, git version) that the compiled library at `library` was built against, or None where the
     build did not record it."""
