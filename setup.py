@@ -1,4 +1,4 @@
-"""Builds nag_cuda._C against the torch that is already installed (pip install --no-build-isolation .).
+"""Builds nag_cuda against the torch that is already installed (pip install --no-build-isolation .).
 
 CUDA or CPU build is decided from torch and the toolkit, never from whether a GPU is visible:
   NAG_CUDA_BUILD=1  CUDA build, or an error that says why it cannot be one
@@ -105,18 +105,24 @@ def cuda_build(cuda_home=None, torch_cuda=None) -> tuple[bool, str, str | None]:
     return True, f"CUDA {torch_cuda}, nvcc in {cuda_home}", library
 
 
-def extension():
+# The kernels' libraries are built on torch's stable ABI, for torch 2.11 and every later one (csrc/nag_kernels.h);
+# their C++ sources (besides nag_kernel.cu), which .ci/check_cuda_sources.sh compiles with these flags too.
+STABLE_ABI = ["-DTORCH_TARGET_VERSION=0x020b000000000000"]
+CPU_KERNELS = ["nag_cpu.cpp", "kernels_cpu.cpp"]
+CUDA_KERNELS = ["nag_cuda.cpp", "kernels_cuda.cpp"]
+
+
+def extensions():
+    """nag_cuda._C (the ops and the C++ step, tied to this torch), nag_cuda._kernels (the CPU kernels) and, in a CUDA
+    build, nag_cuda._kernels_cuda."""
     csrc = Path("csrc")
-    sources = [str(csrc / f) for f in ("nag_ops.cpp", "nag_cpu.cpp", "step.cpp", "step_read_groups.cpp",
-                                                     "step_gather.cpp", "step_run.cpp")]
-    # -fopenmp: at::parallel_for runs serially in code compiled without OpenMP.
     # No contraction into fused multiply-adds beyond the explicit fma() calls, so CPU and GPU round identically
     # (see nag_math.h).
     # -fno-trapping-math lets gcc turn the math's selects into vector blends (the kernel never reads FP flags).
     # -fvisibility-inlines-hidden: the inline torch accessors that gcc keeps out of line (TensorImpl::device(),
     # layout(), sizes()) are called directly rather than through the PLT: about 7% of a many-tensor step's host time.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility-inlines-hidden"]
-    link = ["-fopenmp"]
+    cxx = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility-inlines-hidden"]
+    link = []
     sanitize = os.environ.get("NAG_CUDA_SANITIZE")
     if sanitize not in (None, "", "0", "1"):
         raise SystemExit(f"NAG_CUDA_SANITIZE must be 0 or 1, got {sanitize!r}")
@@ -126,22 +132,32 @@ def extension():
         flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g",
                  "-fno-wrapv"]
         cxx, link = cxx + flags, link + flags
-    common = dict(name="nag_cuda._C", include_dirs=[str(csrc.resolve())], extra_link_args=link)
+    common = dict(include_dirs=[str(csrc.resolve())], extra_link_args=link)
     cuda, why, library = cuda_build(CUDA_HOME, torch.version.cuda)
     if cuda and sanitize == "1":
         raise SystemExit(f"NAG_CUDA_SANITIZE=1 is for the CPU build only, but this is a CUDA build ({why}): "
                          "add NAG_CUDA_BUILD=0")
-    if cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        print(f"nag_cuda: CUDA build ({why}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}, libcudart in {library})")
-        sources += [str(csrc / "nag_cuda.cpp"), str(csrc / "nag_kernel.cu")]
-        return CUDAExtension(
-            sources=sources, library_dirs=[library],
-            extra_compile_args={"cxx": cxx + ["-DNAG_WITH_CUDA"], "nvcc": ["-O3", "-fmad=false", "-DNAG_WITH_CUDA"]},
-            **common,
-        )
-    print(f"nag_cuda: CPU build ({why})")
-    return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
+    module = [str(csrc / f) for f in ("nag_ops.cpp", "step.cpp", "step_read_groups.cpp", "step_gather.cpp",
+                                      "step_run.cpp")]
+    built = [
+        CppExtension(name="nag_cuda._C", sources=module,
+                     extra_compile_args={"cxx": cxx + (["-DNAG_WITH_CUDA"] if cuda else [])}, **common),
+        CppExtension(name="nag_cuda._kernels", sources=[str(csrc / f) for f in CPU_KERNELS],
+                     py_limited_api=True, extra_compile_args={"cxx": cxx + STABLE_ABI}, **common),
+    ]
+    if not cuda:
+        print(f"nag_cuda: CPU build ({why})")
+        return built
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    print(f"nag_cuda: CUDA build ({why}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}, libcudart in {library})")
+    # (USE_CUDA: torch's C shim declares the current-stream call only with it)
+    return built + [CUDAExtension(
+        name="nag_cuda._kernels_cuda",
+        sources=[str(csrc / f) for f in CUDA_KERNELS] + [str(csrc / "nag_kernel.cu")],
+        library_dirs=[library], py_limited_api=True,
+        extra_compile_args={"cxx": cxx + STABLE_ABI + ["-DUSE_CUDA"], "nvcc": ["-O3", "-fmad=false"] + STABLE_ABI},
+        **common,
+    )]
 
 
 # Beside the built library: the torch it was built against (torch.__version__ and torch.version.git_version, a line
@@ -154,7 +170,9 @@ def torch_stamp(library: Path) -> Path:
 class BuildWithStamp(BuildExtension):
     def run(self):
         built_for = f"{torch.__version__}\n{torch.version.git_version}\n"
-        stamps = [torch_stamp(Path(self.get_ext_fullpath(ext.name))) for ext in self.extensions]
+        # (only the library tied to this torch: the kernels' ones work with any torch from 2.11 on)
+        stamps = [torch_stamp(Path(self.get_ext_fullpath(ext.name))) for ext in self.extensions
+                  if not ext.py_limited_api]
         # A library left by a build against another torch is compiled again (without ninja, setuptools would keep it:
         # torch's headers are not among its dependencies).
         if any(not s.is_file() or s.read_text() != built_for for s in stamps):
@@ -165,4 +183,4 @@ class BuildWithStamp(BuildExtension):
 
 
 if __name__ == "__main__":  # (pip runs this file as __main__; tests import its helpers)
-    setup(ext_modules=[extension()], cmdclass={"build_ext": BuildWithStamp})
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildWithStamp})

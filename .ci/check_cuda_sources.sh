@@ -2,7 +2,8 @@
 # Compiles the CUDA side without a GPU and without torch's CUDA headers (CI has torch's CPU wheel):
 #   - every csrc/*.cu with nvcc, for sm_80 and sm_90, with torch's own nvcc flags and ptxas checks of the kernel
 #     (e.g. that the 32 KiB kernel-argument table fits);
-#   - the torch glue with NAG_WITH_CUDA defined (-fsyntax-only), which needs only c10/core headers.
+#   - the C++ sources with NAG_WITH_CUDA defined (-fsyntax-only), the kernels' libraries' ones as setup.py builds
+#     them: on torch's stable ABI for torch 2.11 (TORCH_TARGET_VERSION), Python's limited API, USE_CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nvcc >/dev/null || { echo "check_cuda_sources: nvcc not found on PATH" >&2; exit 1; }
@@ -16,8 +17,13 @@ for cu in csrc/*.cu; do
     -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     -Xptxas=-warn-spills,-warn-lmem-usage -Werror all-warnings -c "$cu" -o "$out/$(basename "$cu").o"
 done
+stable=$(python -c "import setup; print(' '.join(setup.CPU_KERNELS + setup.CUDA_KERNELS))")
 for cpp in csrc/*.cpp; do
-  echo "c++ -DNAG_WITH_CUDA -fsyntax-only: $cpp"
-  c++ -std=c++20 -fsyntax-only -DNAG_WITH_CUDA -Icsrc $torch_includes $(python3-config --includes) "$cpp"
+  flags=(-DNAG_WITH_CUDA)
+  if [[ " $stable " == *" $(basename "$cpp") "* ]]; then
+    flags=($(python -c "import setup; print(' '.join(setup.STABLE_ABI))") -DPy_LIMITED_API=0x030A0000 -DUSE_CUDA)
+  fi
+  echo "c++ ${flags[*]} -fsyntax-only: $cpp"
+  c++ -std=c++20 -fsyntax-only "${flags[@]}" -Icsrc $torch_includes $(python3-config --includes) "$cpp"
 done
 echo "CUDA sources compile"

@@ -40,7 +40,7 @@ echo "sanitize: building $src/csrc with ASan + UBSan in $work"
 (cd "$work/src" && NAG_CUDA_BUILD=0 NAG_CUDA_SANITIZE=1 python setup.py -q build_ext \
   --build-temp "$work/build" --build-lib "$work/lib") > "$work/build.log" 2>&1 \
   || { tail -n 60 "$work/build.log" >&2; echo "sanitize: the sanitized build failed" >&2; exit 1; }
-libs=("$work"/lib/nag_cuda/_C*.so)
+libs=("$work"/lib/nag_cuda/_C*.so "$work"/lib/nag_cuda/_kernels*.so)
 [ -e "${libs[0]}" ] || { echo "sanitize: the build made no nag_cuda/_C*.so" >&2; exit 1; }
 undefined=$(nm -D --undefined-only "${libs[0]}")
 grep -q __asan_report <<< "$undefined" || { echo "sanitize: ${libs[0]} is not instrumented by ASan" >&2; exit 1; }

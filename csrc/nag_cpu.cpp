@@ -1,16 +1,17 @@
 // The CPU kernel: runs the same schedule as the CUDA kernel, one parallel task per range of blocks, and the same
 // per-element math (nag_math.h). The inner loop is plain enough for the compiler to vectorise.
+// Built into nag_cuda._kernels on torch's stable ABI (nag_kernels.h): torch's header-only types and
+// torch::stable::parallel_for only, no ATen.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <type_traits>
 
-#include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>
-#include <ATen/Version.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include "nag_group.h"
 #include "nag_math.h"
@@ -328,15 +329,8 @@ void with_flag(bool flag, F&& f) {
   }
 }
 
-// torch's CPU kernels fuse multiply-adds except on x86-64 at the DEFAULT capability (see mul_add in nag_math.h).
-bool torch_fuses_multiply_add() {
-#if defined(__x86_64__)
-  static const bool fused = at::get_cpu_capability() != "DEFAULT";
-  return fused;
-#else
-  return true;
-#endif
-}
+// A launch this small runs on the calling thread: waking the pool costs more than the work (at::internal::GRAIN_SIZE).
+constexpr int64_t kGrainSize = 32768;
 
 // Blocks [begin, end) of one launch, with the launch's compile-time flags (weight decay, fused multiply-add). The
 // blocks of a range come in segment order, so the range finds its first segment with the kernels' lookup
@@ -384,7 +378,7 @@ void update_blocks(const LaunchTable& t, int64_t begin, int64_t end, const Hyper
 }
 
 template <typename P, typename B, Mode kMode>
-void run(const Group& group, const StepArgs& a) {
+void run(const GroupView& group, const StepArgs& a) {
   using SP = typename Io<P>::Storage;
   using SB = typename Io<B>::Storage;
   using M = typename Io<P>::Math;
@@ -400,11 +394,10 @@ void run(const Group& group, const StepArgs& a) {
     const int64_t blocks = t.block_start[t.size];
     int64_t elements = 0;
     for (int s = 0; s < t.size; ++s) elements += t.numel[s];
-    // Small launches run on the calling thread: waking the pool costs more than the work.
-    const int64_t grain = elements <= at::internal::GRAIN_SIZE ? blocks : 1;
+    const int64_t grain = elements <= kGrainSize ? blocks : 1;
     with_flag(h.decay, [&](auto decay) {
-      with_flag(torch_fuses_multiply_add(), [&](auto fused) {
-        at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      with_flag(a.fused_multiply_add, [&](auto fused) {
+        torch::stable::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
           update_blocks<decltype(decay)::value, decltype(fused)::value, kMode, P, B, SP, SB>(
               t, begin, end, h, a.inv_grad_scale != nullptr ? &inv_scale : nullptr, a.grad_coef, launch_key);
         });
@@ -414,7 +407,7 @@ void run(const Group& group, const StepArgs& a) {
 }
 
 template <typename T>
-void norm(const Group& group, NormKind kind, float p, const float* inv_grad_scale, double* partials) {
+void norm(const GroupView& group, NormKind kind, float p, const float* inv_grad_scale, double* partials) {
   using S = typename Io<T>::Storage;
   const float inv_scale = inv_grad_scale != nullptr ? *inv_grad_scale : 1.0f;
   const StepArgs no_args{};
@@ -424,8 +417,8 @@ void norm(const Group& group, NormKind kind, float p, const float* inv_grad_scal
     const int64_t blocks = t.block_start[t.size];
     int64_t elements = 0;
     for (int s = 0; s < t.size; ++s) elements += t.numel[s];
-    const int64_t grain = elements <= at::internal::GRAIN_SIZE ? blocks : 1;
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    const int64_t grain = elements <= kGrainSize ? blocks : 1;
+    torch::stable::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const BlockWork w = block_work(t.block_start, t.numel, t.size, block);
         const S* g = static_cast<const S*>(t.grad[w.segment]) + w.begin;
@@ -441,7 +434,7 @@ void norm(const Group& group, NormKind kind, float p, const float* inv_grad_scal
 
 }  // namespace
 
-void norm_cpu(const Group& grads, NormKind kind, float p, const float* inv_grad_scale, double* partials) {
+void norm_cpu(const GroupView& grads, NormKind kind, float p, const float* inv_grad_scale, double* partials) {
   switch (grads.kind.param) {
     case Dtype::kFloat: return norm<float>(grads, kind, p, inv_grad_scale, partials);
     case Dtype::kDouble: return norm<double>(grads, kind, p, inv_grad_scale, partials);
@@ -450,11 +443,11 @@ void norm_cpu(const Group& grads, NormKind kind, float p, const float* inv_grad_
   }
 }
 
-void run_cpu(const Group& group, const StepArgs& args) {
+void run_cpu(const GroupView& group, const StepArgs& args) {
   const bool known = visit_kind<float, double, c10::Half, c10::BFloat16>(group.kind, [&](auto p, auto b, auto mode) {
     run<typename decltype(p)::type, typename decltype(b)::type, decltype(mode)::value>(group, args);
   });
-  TORCH_CHECK(known, "nag_cuda: no CPU kernel for this combination of dtypes and mode");
+  if (!known) throw std::runtime_error("nag_cuda: no CPU kernel for this combination of dtypes and mode");
 }
 
 }  // namespace nag

@@ -1,34 +1,48 @@
 // The CUDA runners (the step, the norm of max_grad_norm): device guard, current stream, one kernel launch per
-// LaunchTable, every launch checked.
-// It uses only c10/core headers (no c10/cuda), so CI checks it against torch's CPU wheel with -DNAG_WITH_CUDA.
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/Stream.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
-#include <c10/util/Exception.h>
+// LaunchTable, every launch checked. Built into nag_cuda._kernels_cuda on torch's stable ABI (nag_kernels.h).
+// Compiled without the CUDA toolkit's headers (the stream is a void*), so CI checks it against torch's CPU wheel too.
+#include <stdexcept>
+#include <string>
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>  // (with USE_CUDA: the current CUDA stream)
+#include <torch/csrc/stable/accelerator.h>
 
 #include "nag_group.h"
 
 namespace nag {
+namespace {
 
-void run_cuda(const Group& group, const StepArgs& args, c10::Device device) {
-  const c10::DeviceGuard guard(device);
-  void* stream = c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(device).native_handle();
+void* current_stream(int device) {
+  void* stream = nullptr;
+  if (aoti_torch_get_current_cuda_stream(device, &stream) != AOTI_TORCH_SUCCESS) {
+    throw std::runtime_error("nag_cuda: cannot get the current CUDA stream of device " + std::to_string(device));
+  }
+  return stream;
+}
+
+void check_launch(const char* err) {
+  if (err != nullptr) throw std::runtime_error(std::string("nag_cuda: CUDA kernel launch failed: ") + err);
+}
+
+}  // namespace
+
+void run_cuda(const GroupView& group, const StepArgs& args, int device) {
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  void* stream = current_stream(device);
   LaunchTable table;
   for_each_table(group, args, table, [&](const LaunchTable& t, uint64_t launch_key) {
-    const char* err = cuda_launch(t, group.kind, args, launch_key, stream);
-    TORCH_CHECK(err == nullptr, "nag_cuda: CUDA kernel launch failed: ", err);
+    check_launch(cuda_launch(t, group.kind, args, launch_key, stream));
   });
 }
 
-void norm_cuda(const Group& grads, NormKind kind, float p, const float* inv_grad_scale, float* partials,
-               c10::Device device) {
-  const c10::DeviceGuard guard(device);
-  void* stream = c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(device).native_handle();
+void norm_cuda(const GroupView& grads, NormKind kind, float p, const float* inv_grad_scale, float* partials,
+               int device) {
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  void* stream = current_stream(device);
   const StepArgs no_args{};
   LaunchTable table;
   for_each_table(grads, no_args, table, [&](const LaunchTable& t, uint64_t) {
-    const char* err = cuda_norm_launch(t, grads.kind.param, kind, p, inv_grad_scale, partials, stream);
-    TORCH_CHECK(err == nullptr, "nag_cuda: CUDA kernel launch failed: ", err);
+    check_launch(cuda_norm_launch(t, grads.kind.param, kind, p, inv_grad_scale, partials, stream));
     partials += t.block_start[t.size];
   });
 }

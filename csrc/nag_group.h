@@ -1,12 +1,12 @@
-// The glue between the op (nag_ops.cpp) and the device runners (nag_cpu.cpp, nag_cuda.cpp): a checked group of
-// tensors of one dtype, reduced to raw pointers, and the loop that turns it into filled LaunchTables.
+// The glue between the op (nag_ops.cpp) and the kernels' libraries (nag_kernels.h): a checked group of tensors of
+// one dtype, reduced to raw pointers, and the loop that turns it into filled LaunchTables. Nothing from torch here:
+// both sides include it.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
-#include <c10/core/Device.h>
-
+#include "nag_kernels.h"
 #include "nag_launch.h"
 #include "nag_schedule.h"
 
@@ -31,42 +31,40 @@ struct Group {
     numel.reserve(n);
     first.reserve(n);
   }
+
+  // (the empty vectors as null pointers)
+  GroupView view() const {
+    auto ptr = [](const auto& v) { return v.empty() ? nullptr : v.data(); };
+    return GroupView{kind, param_size, buf_size, static_cast<int64_t>(numel.size()), ptr(param), ptr(grad),
+                     ptr(buf), ptr(master), ptr(numel), ptr(first)};
+  }
 };
 
 // Calls launch(table, launch_key) for each launch of the group's schedule, with `table` filled for that launch.
 // launch_key: the random bits' key of the launch, from the step's seed, the group's kind and the launch's index.
 template <typename Launch>
-void for_each_table(const Group& g, const StepArgs& args, LaunchTable& table, Launch&& launch) {
+void for_each_table(const GroupView& g, const StepArgs& args, LaunchTable& table, Launch&& launch) {
   Segment segs[kMaxSegments];
   const uint64_t kind_key = derive_key(args.sr_seed, static_cast<int64_t>(g.kind.param) * 4 +
                                                          static_cast<int64_t>(g.kind.buf));
   int64_t launch_index = 0;
-  plan_launches(g.numel.data(), static_cast<int64_t>(g.numel.size()), kMaxSegments, kMaxBlocks, segs,
+  plan_launches(g.numel, g.size, kMaxSegments, kMaxBlocks, segs,
                 [&](const Segment* s, int64_t count, int64_t /*blocks*/) {
                   for (int64_t i = 0; i < count; ++i) {
                     const int64_t t = s[i].tensor;
                     const int64_t offset = s[i].offset;
-                    table.param[i] = g.param.empty() ? nullptr : static_cast<char*>(g.param[t]) + offset * g.param_size;
+                    table.param[i] =
+                        g.param == nullptr ? nullptr : static_cast<char*>(g.param[t]) + offset * g.param_size;
                     table.grad[i] = static_cast<char*>(g.grad[t]) + offset * g.param_size;
-                    table.buf[i] = g.buf.empty() ? nullptr : static_cast<char*>(g.buf[t]) + offset * g.buf_size;
-                    table.master[i] = g.master.empty() ? nullptr : static_cast<float*>(g.master[t]) + offset;
+                    table.buf[i] = g.buf == nullptr ? nullptr : static_cast<char*>(g.buf[t]) + offset * g.buf_size;
+                    table.master[i] = g.master == nullptr ? nullptr : static_cast<float*>(g.master[t]) + offset;
                     table.numel[i] = s[i].numel;
-                    table.first[i] = g.first.empty() ? 0 : g.first[t];
+                    table.first[i] = g.first == nullptr ? 0 : g.first[t];
                   }
                   fill_block_start(s, count, table.block_start);
                   table.size = static_cast<int32_t>(count);
                   launch(table, derive_key(kind_key, launch_index++));
                 });
 }
-
-// Device runners; each updates every tensor of the group.
-void run_cpu(const Group& group, const StepArgs& args);
-void run_cuda(const Group& group, const StepArgs& args, c10::Device device);  // only in CUDA builds (NAG_WITH_CUDA)
-
-// The norm's partial results of a group of grads, one per block of its schedule, in block order into `partials`
-// (room for every block): see cuda_norm_launch in nag_launch.h.
-void norm_cpu(const Group& grads, NormKind kind, float p, const float* inv_grad_scale, double* partials);
-void norm_cuda(const Group& grads, NormKind kind, float p, const float* inv_grad_scale, float* partials,
-               c10::Device device);  // only in CUDA builds
 
 }  // namespace nag

@@ -35,6 +35,7 @@ struct StepArgs {
   bool lr_tensor_is_double = false;       // or, when this is true, a float64 scalar on the device
   uint64_t sr_seed = 0;                   // Mode::kStochastic: a new value each step (see derive_key)
   const float* grad_coef = nullptr;       // clipping: grads are multiplied by it as read (see clip); NaN: skip
+  bool fused_multiply_add = true;         // CPU: whether torch's CPU kernels fuse (see mul_add in nag_math.h)
 };
 
 // The kinds the kernels are compiled for, listed once for both: calls f(Type<P>, Type<B>, ModeTag<mode>) with

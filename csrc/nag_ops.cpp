@@ -1,5 +1,5 @@
 // Op registration and argument checks: the schema of nag_cuda::nag_step_, the checks every device shares, and the
-// split of the tensor lists into one Group per dtype for the device runners.
+// split of the tensor lists into one Group per dtype for the kernels' libraries (nag_kernels.h).
 #include <array>
 #include <cmath>
 #include <limits>
@@ -12,6 +12,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/maximum.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -24,10 +25,35 @@
 #include <torch/library.h>
 
 #include "nag_group.h"
+#include "nag_kernels.h"
 #include "nag_ops.h"
 
 namespace nag {
 namespace {
+
+const KernelTable* cpu_kernels = nullptr;
+const KernelTable* cuda_kernels = nullptr;
+
+// The kernels of `device`'s type, or an error where this build has none.
+const KernelTable& kernels(c10::Device device, const char* op) {
+  const KernelTable* table = device.is_cpu() ? cpu_kernels : device.is_cuda() ? cuda_kernels : nullptr;
+  TORCH_CHECK(table != nullptr, op, ": nag_cuda has no kernels for ", device.type(),
+              device.is_cuda() ? " (it was built without CUDA)" : "");
+  return *table;
+}
+
+// torch's CPU kernels fuse multiply-adds except on x86-64 at the DEFAULT capability (see mul_add in nag_math.h).
+bool torch_fuses_multiply_add() {
+#if defined(__x86_64__)
+  static const bool fused = at::get_cpu_capability() != "DEFAULT";
+  return fused;
+#else
+  return true;
+#endif
+}
+
+// (what a table's function returned: nullptr, or what failed in the kernels' library)
+void check_kernels(const char* error) { TORCH_CHECK(error == nullptr, error); }
 
 // Complex tensors are updated as (real, imaginary) pairs, as torch's SGD does: the update is real-linear.
 // (where: the op and argument, for the error message)
@@ -374,18 +400,13 @@ void step_impl(at::TensorList params, at::TensorList grads, at::TensorList bufs,
                       lr_value.defined() ? lr_value.const_data_ptr() : nullptr,
                       lr_value.defined() && lr_value.scalar_type() == at::kDouble,
                       static_cast<uint64_t>(sr_seed.value_or(0)),
-                      grad_coef.has_value() ? grad_coef->const_data_ptr<float>() : nullptr};
+                      grad_coef.has_value() ? grad_coef->const_data_ptr<float>() : nullptr,
+                      torch_fuses_multiply_add()};
+  const KernelTable& table = kernels(device, "nag_step_");
   for (const Group& group : groups) {
     if (group.numel.empty()) continue;
-    if (device.is_cpu()) {
-      run_cpu(group, args);
-    } else {
-#ifdef NAG_WITH_CUDA
-      run_cuda(group, args, device);
-#else
-      TORCH_CHECK(false, "nag_step_: nag_cuda was built without CUDA");
-#endif
-    }
+    const GroupView view = group.view();
+    check_kernels(table.run(&view, &args, device.index()));
   }
   for (auto& [dst, src] : write_back) dst.copy_(src);
 }
@@ -533,34 +554,30 @@ at::Tensor grad_norm_partial(at::TensorList grads, double norm_type, const std::
     for (const int64_t n : group.numel) blocks += chunks_of(n);
   }
   const float* inv = inv_scale.defined() ? inv_scale.const_data_ptr<float>() : nullptr;
+  const KernelTable& table = kernels(device, "grad_norm_partial");
+  // Each group's partial results, after the previous group's, into `out`.
+  auto norms = [&](auto* out) {
+    for (const Group& group : groups) {
+      if (group.numel.empty()) continue;
+      const GroupView view = group.view();
+      check_kernels(table.norm(&view, kind, static_cast<float>(norm_type), inv, out, device.index()));
+      for (const int64_t n : group.numel) out += chunks_of(n);
+    }
+  };
   at::Tensor result;
   if (device.is_cpu()) {
     thread_local std::vector<double> partials;  // (kept: its capacity serves the next steps, which allocate nothing)
     partials.assign(blocks, 0.0);
-    double* out = partials.data();
-    for (const Group& group : groups) {
-      if (group.numel.empty()) continue;
-      norm_cpu(group, kind, static_cast<float>(norm_type), inv, out);
-      for (const int64_t n : group.numel) out += chunks_of(n);
-    }
+    norms(partials.data());
     double total = 0.0;  // (in block order: the same result for any thread count)
     for (const double v : partials) total = max ? norm_combine<NormKind::kInf>(total, v) : total + v;
     // (a sum beyond float's range is an infinite norm, as the float sums of the CUDA kernel and of torch make it)
     result = at::scalar_tensor(total > std::numeric_limits<float>::max() ? std::numeric_limits<double>::infinity()
                                                                          : total, at::kFloat);
   } else if (blocks > 0) {
-#ifdef NAG_WITH_CUDA
     const at::Tensor partials = at::empty({blocks}, grads[0].options().dtype(at::kFloat));
-    float* out = partials.mutable_data_ptr<float>();
-    for (const Group& group : groups) {
-      if (group.numel.empty()) continue;
-      norm_cuda(group, kind, static_cast<float>(norm_type), inv, out, device);
-      for (const int64_t n : group.numel) out += chunks_of(n);
-    }
+    norms(partials.mutable_data_ptr<float>());
     result = max ? partials.amax() : partials.sum();
-#else
-    TORCH_CHECK(false, "grad_norm_partial: nag_cuda was built without CUDA");
-#endif
   }
   if (!result.defined()) result = at::zeros({}, grads[0].options().dtype(at::kFloat));
   if (other.defined()) result = max ? at::maximum(result, other) : result.add(other);
@@ -611,14 +628,16 @@ at::Tensor plan(c10::ArrayRef<int64_t> numels, int64_t max_segments, int64_t max
 
 // What this build contains, for `python -m nag_cuda`: "cpu" or "cpu;cuda=<__CUDA_ARCH_LIST__>".
 std::string build_info() {
-#ifdef NAG_WITH_CUDA
-  return std::string("cpu;cuda=") + cuda_arch_list();
-#else
-  return "cpu";
-#endif
+  return cuda_kernels == nullptr ? "cpu" : std::string("cpu;cuda=") + cuda_kernels->compiled_for();
 }
 
 }  // namespace
+
+void set_kernels(const KernelTable* cpu, const KernelTable* cuda) {
+  cpu_kernels = cpu;
+  cuda_kernels = cuda;
+}
+
 }  // namespace nag
 
 TORCH_LIBRARY(nag_cuda, m) {

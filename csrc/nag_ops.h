@@ -9,7 +9,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "nag_kernels.h"
+
 namespace nag {
+
+// The kernels' tables (nag_kernels.h) that the ops run: the CPU library's, and the CUDA library's or null (a CPU
+// build). Set once, when nag_cuda._C loads (step.cpp).
+void set_kernels(const KernelTable* cpu, const KernelTable* cuda);
 
 // Checks everything nag_cuda::nag_step_ checks before it writes (lr: the tensor learning rate, or none), so that a
 // caller with several calls can check them all before the first one runs.

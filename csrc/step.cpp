@@ -7,6 +7,8 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "nag_kernels.h"
+#include "nag_ops.h"
 #include "step.h"
 
 namespace nag::step {
@@ -94,6 +96,18 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// The KernelTable in the capsule `capsule` of a kernels' library (nag_kernels.h), importing the library; or nullptr
+// with a Python error set.
+const KernelTable* import_kernels(const char* capsule) {
+  const auto* table = static_cast<const KernelTable*>(PyCapsule_Import(capsule, 0));
+  if (table != nullptr && table->abi != kKernelAbi) {
+    PyErr_Format(PyExc_ImportError, "nag_cuda: %s is of kernel ABI %u, nag_cuda._C expects %u: reinstall nag_cuda "
+                 "so that both come from one build", capsule, table->abi, kKernelAbi);
+    return nullptr;
+  }
+  return table;
+}
+
 PyMethodDef methods[] = {
     {"_step", step, METH_VARARGS, "FusedNAG.step() for plain tensors: see csrc/step.h"},
     {"_state_cache", state_cache, METH_NOARGS, "A cache of one optimizer's state lookups for _step (or None)"},
@@ -103,9 +117,19 @@ PyMethodDef methods[] = {
 }  // namespace
 }  // namespace nag::step
 
-// `import nag_cuda._C` loads this library, which registers the ops (nag_ops.cpp) and defines _step.
+// `import nag_cuda._C` loads this library, which registers the ops (nag_ops.cpp), defines _step and imports the
+// kernels' libraries (nag_kernels.h) that the ops run.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nag::step::methods};
+  const nag::KernelTable* cpu = nag::step::import_kernels(NAG_TABLE_CAPSULE("nag_cuda._kernels"));
+  if (cpu == nullptr) return nullptr;
+#ifdef NAG_WITH_CUDA
+  const nag::KernelTable* cuda = nag::step::import_kernels(NAG_TABLE_CAPSULE("nag_cuda._kernels_cuda"));
+  if (cuda == nullptr) return nullptr;
+#else
+  const nag::KernelTable* cuda = nullptr;
+#endif
+  nag::set_kernels(cpu, cuda);
   nag::step::Keys& k = nag::step::keys;
   const std::pair<PyObject**, const char*> names[] = {
       {&k.params, "params"}, {&k.lr, "lr"}, {&k.momentum, "momentum"}, {&k.weight_decay, "weight_decay"},

@@ -1,6 +1,7 @@
 """Loads the compiled ops (torch.ops.nag_cuda.*) and registers their fake implementation for tracing tools."""
 
 import importlib.util
+import sys
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -32,29 +33,46 @@ def check_built_for(library: Path) -> None:
         )
 
 
-def _load_extension():
-    """The compiled module nag_cuda._C; importing it registers torch.ops.nag_cuda."""
-    spec = importlib.util.find_spec("._C", __package__)
+def _library(name: str) -> Path | None:
+    """The file of the compiled library nag_cuda.<name>, or None where this installation has none."""
+    spec = importlib.util.find_spec(f".{name}", __package__)
     if spec is not None and spec.origin is not None:
-        check_built_for(Path(spec.origin))
-        from . import _C
-        return _C
-    # Imported from the source checkout (e.g. `python -c ...` in its root): the compiled library is in the installed
-    # distribution, not in this folder. Look through every distribution of that name, since the checkout's own
-    # nag_cuda.egg-info is found first and lists no library.
+        return Path(spec.origin)
+    # Imported from the source checkout (e.g. `python -c ...` in its root): the compiled libraries are in the
+    # installed distribution, not in this folder. Look through every distribution of that name, since the checkout's
+    # own nag_cuda.egg-info is found first and lists no library.
     files = [f for dist in metadata.distributions(name="nag_cuda") for f in dist.files or []]
-    libraries = [f for f in files if f.parent.name == "nag_cuda" and f.name.startswith("_C.") and f.suffix == ".so"]
-    if not libraries:
-        raise ImportError(
-            "nag_cuda's compiled extension (nag_cuda._C) is missing: install the package with "
-            "`pip install --no-build-isolation .`"
-        )
-    library = Path(libraries[0].locate())
-    check_built_for(library)
-    spec = importlib.util.spec_from_file_location("nag_cuda._C", library)
+    found = [f for f in files if f.parent.name == "nag_cuda" and f.name.startswith(f"{name}.") and f.suffix == ".so"]
+    return Path(found[0].locate()) if found else None
+
+
+def _load(name: str, library: Path):
+    """Loads the library file as the submodule nag_cuda.<name>."""
+    spec = importlib.util.spec_from_file_location(f"{__package__}.{name}", library)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # (what _C's PyCapsule_Import of the kernels' tables looks up)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    setattr(sys.modules[__package__], name, module)
     return module
+
+
+def _load_extension():
+    """The compiled module nag_cuda._C, after the kernels' libraries it runs (nag_cuda._kernels, and
+    nag_cuda._kernels_cuda in a CUDA build); importing it registers torch.ops.nag_cuda."""
+    libraries = {name: _library(name) for name in ("_kernels", "_kernels_cuda", "_C")}
+    for name in ("_kernels", "_C"):
+        if libraries[name] is None:
+            raise ImportError(f"nag_cuda's compiled extension (nag_cuda.{name}) is missing: install the package "
+                              "with `pip install --no-build-isolation .`")
+    check_built_for(libraries["_C"])  # (only _C is tied to one torch: the kernels' libraries are on its stable ABI)
+    _load("_kernels", libraries["_kernels"])
+    if libraries["_kernels_cuda"] is not None:
+        _load("_kernels_cuda", libraries["_kernels_cuda"])
+    return _load("_C", libraries["_C"])
 
 
 _C = _load_extension()

@@ -1,7 +1,9 @@
 """setup.py where torch does not import (as under pip's default build isolation): a clear message that says what to
 run, not a traceback."""
 
+import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,8 +111,6 @@ def test_the_library_records_the_torch_it_was_built_against():
 def test_a_library_built_for_another_torch_is_refused_before_it_loads(tmp_path):
     # A copy of the package whose stamp names another torch: importing it gives the message, not the loader's error,
     # and the library is not loaded (its ops are not registered).
-    import shutil
-
     from nag_cuda import _ops
 
     package = tmp_path / "nag_cuda"
@@ -133,3 +133,28 @@ def test_a_library_without_a_stamp_loads_as_before(tmp_path):
 
     assert _ops.built_for(tmp_path / "_C.so") is None
     _ops.check_built_for(tmp_path / "_C.so")  # (no error)
+
+
+# ---- the kernels' libraries are on torch's stable ABI (csrc/nag_kernels.h): one build serves torch 2.11 on ----------
+
+def kernel_libraries():
+    import nag_cuda
+
+    names = ["_kernels"] + (["_kernels_cuda"] if nag_cuda.build_info()["cuda"] else [])
+    return [Path(getattr(nag_cuda, name).__file__) for name in names]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("readelf") is None, reason="needs binutils")
+def test_kernel_libraries_use_only_torchs_stable_abi():
+    # What they call of torch must be its C shim (aoti_torch_*, torch_*): a C++ symbol of at::, c10:: or torch:: is
+    # tied to one torch's build, and so is libtorch_python. Python: its limited API (the abi3 tag).
+    for library in kernel_libraries():
+        assert library.name.endswith(".abi3.so"), library
+        undefined = subprocess.run(["nm", "-D", "--undefined-only", "--demangle", str(library)], check=True,
+                                   capture_output=True, text=True).stdout
+        tied = [line.strip().partition(" ")[2] for line in undefined.splitlines()
+                if any(ns in line for ns in ("at::", "c10::", "torch::", "caffe2::"))]
+        assert tied == [], f"{library.name} calls torch's C++ API: {tied[:10]}"
+        assert re.search(r"\b(aoti_)?torch_\w+", undefined), undefined  # (what they do call: the C shim)
+        needed = subprocess.run(["readelf", "-d", str(library)], check=True, capture_output=True, text=True).stdout
+        assert "libtorch_python" not in needed, library.name
