@@ -21,7 +21,8 @@ stable=$(python -c "import setup; print(' '.join(setup.CPU_KERNELS + setup.CUDA_
 for cpp in csrc/*.cpp; do
   flags=(-DNAG_WITH_CUDA)
   if [[ " $stable " == *" $(basename "$cpp") "* ]]; then
-    flags=($(python -c "import setup; print(' '.join(setup.STABLE_ABI))") -DPy_LIMITED_API=0x030A0000 -DUSE_CUDA)
+    flags=($(python -c "import setup; from torch.utils.cpp_extension import min_supported_cpython as v
+print(' '.join(setup.STABLE_ABI), f'-DPy_LIMITED_API={v}')") -DUSE_CUDA)
   fi
   echo "c++ ${flags[*]} -fsyntax-only: $cpp"
   c++ -std=c++20 -fsyntax-only "${flags[@]}" -Icsrc $torch_includes $(python3-config --includes) "$cpp"

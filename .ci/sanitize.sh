@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # AddressSanitizer + UndefinedBehaviorSanitizer stage (CPU machine, no GPU needed):
 #   bash .ci/sanitize.sh
-# Builds nag_cuda._C with NAG_CUDA_SANITIZE=1 (setup.py: -fsanitize=address,undefined -fno-sanitize-recover=undefined
-# -fno-omit-frame-pointer -g -fno-wrapv, CPU build) out of place, from a snapshot of the source tree in a temporary folder (the
-# installed nag_cuda, the checkout and its build/ are not touched), lays out an importable copy of the package with that
-# library, and runs the step-path tests against it with the compiler's ASan runtime preloaded into Python (which is not
+# Builds nag_cuda._C and nag_cuda._kernels with NAG_CUDA_SANITIZE=1 (setup.py: -fsanitize=address,undefined
+# -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -fno-wrapv, CPU build) out of place, from a snapshot of the
+# source tree in a temporary folder (the installed nag_cuda, the checkout and its build/ are not touched), lays out an
+# importable copy of the package with those libraries, and runs the step-path tests against it with the compiler's ASan runtime preloaded into Python (which is not
 # itself built with ASan). Exits non-zero on any sanitizer report (printed at the end), any test failure, or no test run
 # (pytest's exit code 5).
 # Environment:
@@ -41,10 +41,13 @@ echo "sanitize: building $src/csrc with ASan + UBSan in $work"
   --build-temp "$work/build" --build-lib "$work/lib") > "$work/build.log" 2>&1 \
   || { tail -n 60 "$work/build.log" >&2; echo "sanitize: the sanitized build failed" >&2; exit 1; }
 libs=("$work"/lib/nag_cuda/_C*.so "$work"/lib/nag_cuda/_kernels*.so)
-[ -e "${libs[0]}" ] || { echo "sanitize: the build made no nag_cuda/_C*.so" >&2; exit 1; }
-undefined=$(nm -D --undefined-only "${libs[0]}")
-grep -q __asan_report <<< "$undefined" || { echo "sanitize: ${libs[0]} is not instrumented by ASan" >&2; exit 1; }
-grep -q __ubsan_handle <<< "$undefined" || { echo "sanitize: ${libs[0]} is not instrumented by UBSan" >&2; exit 1; }
+[ -e "${libs[0]}" ] && [ -e "${libs[1]}" ] ||
+  { echo "sanitize: the build made no nag_cuda/_C*.so or no _kernels*.so" >&2; exit 1; }
+for lib in "${libs[@]}"; do
+  undefined=$(nm -D --undefined-only "$lib")
+  grep -q __asan_report <<< "$undefined" || { echo "sanitize: $lib is not instrumented by ASan" >&2; exit 1; }
+  grep -q __ubsan_handle <<< "$undefined" || { echo "sanitize: $lib is not instrumented by UBSan" >&2; exit 1; }
+done
 echo "sanitize: built in $((SECONDS - start)) s"
 
 # 3. An importable copy: nag_cuda's Python files and the sanitized library, the tests beside it. Run from that folder

@@ -15,7 +15,8 @@ const char* norm(const GroupView* grads, NormKind kind, float p, const float* in
 
 const char* compiled_for() { return "cpu"; }
 
-constexpr KernelTable kTable{kKernelAbi, run, norm, compiled_for};
+constexpr KernelTable kTable{kKernelAbi, sizeof(KernelTable), sizeof(GroupView), sizeof(StepArgs), run, norm,
+                                compiled_for};
 
 }  // namespace
 }  // namespace nag

@@ -14,7 +14,8 @@ const char* norm(const GroupView* grads, NormKind kind, float p, const float* in
   return catching([&] { norm_cuda(*grads, kind, p, inv_grad_scale, static_cast<float*>(partials), device); });
 }
 
-constexpr KernelTable kTable{kKernelAbi, run, norm, cuda_arch_list};
+constexpr KernelTable kTable{kKernelAbi, sizeof(KernelTable), sizeof(GroupView), sizeof(StepArgs), run, norm,
+                                cuda_arch_list};
 
 }  // namespace
 }  // namespace nag

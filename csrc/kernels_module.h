@@ -4,26 +4,27 @@
 
 #include <Python.h>
 
+#include <cstdio>
 #include <exception>
-#include <string>
 
 #include "nag_kernels.h"
 
 namespace nag {
 
-// f(), with what it threw as the returned message (kept until this thread's next failure), else nullptr.
+// f(), with what it threw as the returned message (kept until this thread's next failure; cut at 1023 bytes, so that
+// keeping it allocates nothing that could throw in turn), else nullptr.
 template <typename F>
 const char* catching(F&& f) noexcept {
-  thread_local std::string message;
+  thread_local char message[1024];
   try {
     f();
     return nullptr;
   } catch (const std::exception& error) {
-    message = error.what();
+    std::snprintf(message, sizeof(message), "%s", error.what());
   } catch (...) {
-    message = "unknown error";
+    std::snprintf(message, sizeof(message), "%s", "nag_cuda: unknown error in the kernels' library");
   }
-  return message.c_str();
+  return message;
 }
 
 // The module `name` (its PyInit's), whose attribute "table" is a capsule of `table`.

@@ -4,13 +4,28 @@
 #include <stdexcept>
 #include <string>
 
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>  // (with USE_CUDA: the current CUDA stream)
-#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>  // (with USE_CUDA: the CUDA device guard and current stream)
 
 #include "nag_group.h"
 
 namespace nag {
 namespace {
+
+// Makes `device` the current CUDA device for the guard's lifetime, as c10::cuda::CUDAGuard does.
+class CudaGuard {
+ public:
+  explicit CudaGuard(int device) {
+    if (aoti_torch_create_cuda_guard(device, &guard_) != AOTI_TORCH_SUCCESS) {
+      throw std::runtime_error("nag_cuda: cannot make CUDA device " + std::to_string(device) + " current");
+    }
+  }
+  CudaGuard(const CudaGuard&) = delete;
+  CudaGuard& operator=(const CudaGuard&) = delete;
+  ~CudaGuard() { aoti_torch_delete_cuda_guard(guard_); }
+
+ private:
+  CUDAGuardHandle guard_ = nullptr;
+};
 
 void* current_stream(int device) {
   void* stream = nullptr;
@@ -27,7 +42,7 @@ void check_launch(const char* err) {
 }  // namespace
 
 void run_cuda(const GroupView& group, const StepArgs& args, int device) {
-  const torch::stable::accelerator::DeviceGuard guard(device);
+  const CudaGuard guard(device);
   void* stream = current_stream(device);
   LaunchTable table;
   for_each_table(group, args, table, [&](const LaunchTable& t, uint64_t launch_key) {
@@ -37,7 +52,7 @@ void run_cuda(const GroupView& group, const StepArgs& args, int device) {
 
 void norm_cuda(const GroupView& grads, NormKind kind, float p, const float* inv_grad_scale, float* partials,
                int device) {
-  const torch::stable::accelerator::DeviceGuard guard(device);
+  const CudaGuard guard(device);
   void* stream = current_stream(device);
   const StepArgs no_args{};
   LaunchTable table;

@@ -29,11 +29,12 @@ struct GroupView {
 };
 
 // Bumped whenever KernelTable, GroupView, StepArgs or the meaning of a field changes: a library with another
-// value is refused when the module loads it.
+// value, or other sizes of those structs (a change that missed the bump), is refused when the module loads it.
 constexpr uint32_t kKernelAbi = 1;
 
 struct KernelTable {
   uint32_t abi;  // kKernelAbi
+  uint32_t table_size, view_size, args_size;  // sizeof KernelTable, GroupView, StepArgs
   // Updates every tensor of the group. device: the CUDA device index (the CUDA library; the CPU one ignores it).
   // Returns nullptr, or what failed.
   const char* (*run)(const GroupView* group, const StepArgs* args, int device);

@@ -8,11 +8,11 @@
 
 namespace nag {
 
-enum class Dtype { kFloat, kDouble, kHalf, kBFloat16 };
+enum class Dtype : int32_t { kFloat, kDouble, kHalf, kBFloat16 };
 
 // How the param is stored: updated in place (kPlain); written as the rounding of a float32 master copy, which is
 // what is read and updated (kMaster); or updated in place with stochastic rounding, bfloat16 only (kStochastic).
-enum class Mode { kPlain, kMaster, kStochastic };
+enum class Mode : int32_t { kPlain, kMaster, kStochastic };
 
 // What one launch's kernel is compiled for: the dtype of the params (and grads), of the momentum buffers, the mode.
 struct Kind {

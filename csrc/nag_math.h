@@ -51,7 +51,7 @@ NAG_HOST_DEVICE T clip(T grad, float coef) { return grad * static_cast<T>(coef);
 
 // The norm of max_grad_norm, as a reduction: what each element adds to a partial result, and how
 // two partial results combine. Sums of |g|^p, or the largest |g| for p = inf; NaN propagates through both.
-enum class NormKind { kTwo, kOne, kInf, kOther };
+enum class NormKind : int32_t { kTwo, kOne, kInf, kOther };
 
 template <NormKind K, typename A>
 NAG_HOST_DEVICE A norm_term(A x, A p) {

@@ -37,8 +37,9 @@ const KernelTable* cuda_kernels = nullptr;
 // The kernels of `device`'s type, or an error where this build has none.
 const KernelTable& kernels(c10::Device device, const char* op) {
   const KernelTable* table = device.is_cpu() ? cpu_kernels : device.is_cuda() ? cuda_kernels : nullptr;
+  // (null also after a failed `import nag_cuda`, whose ImportError said why: the ops are registered before it fails)
   TORCH_CHECK(table != nullptr, op, ": nag_cuda has no kernels for ", device.type(),
-              device.is_cuda() ? " (it was built without CUDA)" : "");
+              device.is_cuda() ? " (a build without CUDA, or its CUDA kernels' library did not load)" : "");
   return *table;
 }
 

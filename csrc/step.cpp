@@ -96,13 +96,26 @@ PyObject* step(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// The KernelTable in the capsule `capsule` of a kernels' library (nag_kernels.h), importing the library; or nullptr
-// with a Python error set.
-const KernelTable* import_kernels(const char* capsule) {
-  const auto* table = static_cast<const KernelTable*>(PyCapsule_Import(capsule, 0));
-  if (table != nullptr && table->abi != kKernelAbi) {
-    PyErr_Format(PyExc_ImportError, "nag_cuda: %s is of kernel ABI %u, nag_cuda._C expects %u: reinstall nag_cuda "
-                 "so that both come from one build", capsule, table->abi, kKernelAbi);
+// The KernelTable of the kernels' library `module` (nag_kernels.h), importing it; or nullptr with an ImportError set
+// that names the library.
+const KernelTable* import_kernels(const char* module, const char* capsule) {
+  const char* reinstall = "reinstall nag_cuda (pip install --no-build-isolation --force-reinstall --no-deps .) so "
+                          "that its libraries come from one build";
+  THPObjectPtr library(PyImport_ImportModule(module));
+  THPObjectPtr table_object(library ? PyObject_GetAttrString(library.get(), "table") : nullptr);
+  const auto* table = table_object ? static_cast<const KernelTable*>(PyCapsule_GetPointer(table_object.get(),
+                                                                                         capsule))
+                                   : nullptr;
+  if (table == nullptr) {
+    PyErr_Clear();
+    PyErr_Format(PyExc_ImportError, "nag_cuda: the kernels' library %s is missing or did not load: %s", module,
+                 reinstall);
+    return nullptr;
+  }
+  if (table->abi != kKernelAbi || table->table_size != sizeof(KernelTable) || table->view_size != sizeof(GroupView) ||
+      table->args_size != sizeof(StepArgs)) {
+    PyErr_Format(PyExc_ImportError, "nag_cuda: the kernels' library %s is of another build (kernel ABI %u, "
+                 "nag_cuda._C expects %u): %s", module, table->abi, kKernelAbi, reinstall);
     return nullptr;
   }
   return table;
@@ -121,10 +134,11 @@ PyMethodDef methods[] = {
 // kernels' libraries (nag_kernels.h) that the ops run.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nag::step::methods};
-  const nag::KernelTable* cpu = nag::step::import_kernels(NAG_TABLE_CAPSULE("nag_cuda._kernels"));
+  const nag::KernelTable* cpu = nag::step::import_kernels("nag_cuda._kernels", NAG_TABLE_CAPSULE("nag_cuda._kernels"));
   if (cpu == nullptr) return nullptr;
 #ifdef NAG_WITH_CUDA
-  const nag::KernelTable* cuda = nag::step::import_kernels(NAG_TABLE_CAPSULE("nag_cuda._kernels_cuda"));
+  const nag::KernelTable* cuda =
+      nag::step::import_kernels("nag_cuda._kernels_cuda", NAG_TABLE_CAPSULE("nag_cuda._kernels_cuda"));
   if (cuda == nullptr) return nullptr;
 #else
   const nag::KernelTable* cuda = nullptr;

@@ -33,46 +33,43 @@ def check_built_for(library: Path) -> None:
         )
 
 
-def _library(name: str) -> Path | None:
-    """The file of the compiled library nag_cuda.<name>, or None where this installation has none."""
-    spec = importlib.util.find_spec(f".{name}", __package__)
+def _library() -> Path:
+    """The file of the compiled module nag_cuda._C."""
+    spec = importlib.util.find_spec("._C", __package__)
     if spec is not None and spec.origin is not None:
         return Path(spec.origin)
     # Imported from the source checkout (e.g. `python -c ...` in its root): the compiled libraries are in the
     # installed distribution, not in this folder. Look through every distribution of that name, since the checkout's
     # own nag_cuda.egg-info is found first and lists no library.
     files = [f for dist in metadata.distributions(name="nag_cuda") for f in dist.files or []]
-    found = [f for f in files if f.parent.name == "nag_cuda" and f.name.startswith(f"{name}.") and f.suffix == ".so"]
-    return Path(found[0].locate()) if found else None
+    found = [f for f in files if f.parent.name == "nag_cuda" and f.name.startswith("_C.") and f.suffix == ".so"]
+    if not found:
+        raise ImportError("nag_cuda's compiled extension (nag_cuda._C) is missing: install the package with "
+                          "`pip install --no-build-isolation .`")
+    return Path(found[0].locate())
 
 
 def _load(name: str, library: Path):
-    """Loads the library file as the submodule nag_cuda.<name>."""
+    """The library file loaded as the submodule nag_cuda.<name>: sys.modules holds it, where _C's import of the
+    kernels' libraries finds it, also when the file is not in this package's folder."""
     spec = importlib.util.spec_from_file_location(f"{__package__}.{name}", library)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (what _C's PyCapsule_Import of the kernels' tables looks up)
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
+    module = importlib.util.module_from_spec(spec)  # (runs the library's PyInit)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
     setattr(sys.modules[__package__], name, module)
     return module
 
 
 def _load_extension():
-    """The compiled module nag_cuda._C, after the kernels' libraries it runs (nag_cuda._kernels, and
-    nag_cuda._kernels_cuda in a CUDA build); importing it registers torch.ops.nag_cuda."""
-    libraries = {name: _library(name) for name in ("_kernels", "_kernels_cuda", "_C")}
-    for name in ("_kernels", "_C"):
-        if libraries[name] is None:
-            raise ImportError(f"nag_cuda's compiled extension (nag_cuda.{name}) is missing: install the package "
-                              "with `pip install --no-build-isolation .`")
-    check_built_for(libraries["_C"])  # (only _C is tied to one torch: the kernels' libraries are on its stable ABI)
-    _load("_kernels", libraries["_kernels"])
-    if libraries["_kernels_cuda"] is not None:
-        _load("_kernels_cuda", libraries["_kernels_cuda"])
-    return _load("_C", libraries["_C"])
+    """The compiled module nag_cuda._C (importing it registers torch.ops.nag_cuda), after the kernels' libraries it
+    runs, from its folder: nag_cuda._kernels, and nag_cuda._kernels_cuda where there is one and torch has CUDA."""
+    library = _library()
+    check_built_for(library)  # (only _C is tied to one torch: the kernels' libraries are on its stable ABI)
+    for name in ("_kernels", "_kernels_cuda") if torch.version.cuda else ("_kernels",):
+        found = sorted(library.parent.glob(f"{name}.*so"))
+        if found:
+            _load(name, found[0])
+    return _load("_C", library)  # (it raises ImportError where a kernels' library it needs is not loaded)
 
 
 _C = _load_extension()

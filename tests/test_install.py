@@ -137,6 +137,22 @@ def test_a_library_without_a_stamp_loads_as_before(tmp_path):
 
 # ---- the kernels' libraries are on torch's stable ABI (csrc/nag_kernels.h): one build serves torch 2.11 on ----------
 
+def test_a_missing_kernels_library_is_a_clear_import_error(tmp_path):
+    from nag_cuda import _ops
+
+    package = tmp_path / "nag_cuda"
+    shutil.copytree(ROOT / "nag_cuda", package, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.torch-version"))
+    library = Path(_ops._C.__file__)
+    for f in (library, library.with_name(library.name + ".torch-version")):
+        if f.exists():
+            shutil.copy(f, package / f.name)
+    code = "try:\n    import nag_cuda\nexcept ImportError as e:\n    print('refused:', e)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "refused: nag_cuda: the kernels' library nag_cuda._kernels is missing" in out.stdout, out.stdout
+    assert "pip install --no-build-isolation" in out.stdout
+
+
 def kernel_libraries():
     import nag_cuda
 
