@@ -27,7 +27,7 @@ const char* catching(F&& f) noexcept {
   return message;
 }
 
-// The module `name` (its PyInit's), whose attribute "table" is a capsule of `table`.
+// The module of `def` (for its PyInit), whose attribute "table" is a capsule of `table` named `capsule_name`.
 inline PyObject* module_with_table(PyModuleDef* def, const KernelTable* table, const char* capsule_name) {
   PyObject* module = PyModule_Create(def);
   if (module == nullptr) return nullptr;
